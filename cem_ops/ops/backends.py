@@ -1,0 +1,44 @@
+"""Which backend runs each kernel op, and the reference fallback for backends without one."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+# Ops that need a backend implementation; the public ops are composites over these.
+KERNEL_OPS = ("attention_fwd", "attention_bwd", "mlp_fwd", "mlp_bwd")
+DEVICES = ("CPU", "CUDA")
+
+_fallback_lib = torch.library.Library("cem", "FRAGMENT")
+
+
+def has_compiled_kernel(op: str, device: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"cem::{op}", device)
+
+
+def register_reference_fallback(op: str, fn: Callable) -> None:
+    """Run the reference for every backend that has no compiled kernel of its own (compiled
+    CPU and CUDA kernels are registered on their own keys and take precedence)."""
+    _fallback_lib.impl(op, fn, "CompositeExplicitAutograd")
+
+
+def kernel_backends() -> dict[str, dict[str, str]]:
+    """{op: {device: "compiled" | "reference"}} for the ops that do the work."""
+    return {
+        op: {device: "compiled" if has_compiled_kernel(op, device) else "reference" for device in DEVICES}
+        for op in KERNEL_OPS
+    }
+
+
+def build_info() -> dict[str, object]:
+    """How cem_ops._C was built and which backends run each op."""
+    from .. import _C
+
+    return {
+        "torch_version": _C.torch_version,
+        "source_hash": _C.source_hash,
+        "with_cuda": bool(_C.with_cuda),
+        "cuda_archs": _C.cuda_archs,
+        "kernels": kernel_backends(),
+    }

@@ -1,0 +1,35 @@
+// The Python extension module cem_ops._C. Importing it runs the static operator
+// registrations of the other translation units; its attributes describe the build so
+// that cem_ops can refuse a stale or mismatched binary with a clear message.
+#include <Python.h>
+
+#ifndef CEM_OPS_SOURCE_HASH
+#define CEM_OPS_SOURCE_HASH "unknown"
+#endif
+#ifndef CEM_OPS_TORCH_VERSION
+#define CEM_OPS_TORCH_VERSION "unknown"
+#endif
+#ifndef CEM_OPS_CUDA_ARCHS
+#define CEM_OPS_CUDA_ARCHS ""
+#endif
+
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "cem_ops compiled operators", -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) {
+    return nullptr;
+  }
+#ifdef CEM_OPS_WITH_CUDA
+  const int with_cuda = 1;
+#else
+  const int with_cuda = 0;
+#endif
+  if (PyModule_AddStringConstant(module, "source_hash", CEM_OPS_SOURCE_HASH) < 0 ||
+      PyModule_AddStringConstant(module, "torch_version", CEM_OPS_TORCH_VERSION) < 0 ||
+      PyModule_AddStringConstant(module, "cuda_archs", CEM_OPS_CUDA_ARCHS) < 0 ||
+      PyModule_AddIntConstant(module, "with_cuda", with_cuda) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

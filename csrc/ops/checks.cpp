@@ -1,0 +1,208 @@
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <sstream>
+
+namespace cem {
+namespace {
+
+std::string shape_of(const at::Tensor& t) {
+  std::ostringstream out;
+  out << t.sizes();
+  return out.str();
+}
+
+void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK_TYPE(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+      ": ", name, " must be float32, float64, bfloat16 or float16, got ", dtype);
+}
+
+// Every tensor argument shares x's dtype and device: no silent promotion or copies.
+void check_like_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK_TYPE(
+      t.scalar_type() == x.scalar_type(), op, ": ", name, " must have the dtype of x (", x.scalar_type(),
+      "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(
+      t.device() == x.device(), op, ": ", name, " must be on the device of x (", x.device(), "), got ",
+      t.device());
+}
+
+void check_sequence_input(const char* op, const char* name, const at::Tensor& x) {
+  check_floating(op, name, x);
+  TORCH_CHECK_VALUE(
+      x.dim() == 3, op, ": ", name, " must be a 3-D tensor (B, N, D), got shape ", shape_of(x));
+  TORCH_CHECK_VALUE(x.size(2) >= 1, op, ": ", name, " must have D >= 1 features, got shape ", shape_of(x));
+}
+
+void check_projections(const char* op, const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_k) {
+  check_like_x(op, "w_q", w_q, x);
+  check_like_x(op, "w_k", w_k, x);
+  TORCH_CHECK_VALUE(
+      w_q.dim() == 3 && w_q.size(2) == x.size(2) && w_q.size(0) >= 1 && w_q.size(1) >= 1, op,
+      ": w_q must have shape (H, Dh, D) with H, Dh >= 1 and D = ", x.size(2),
+      " (the last dimension of x), got ", shape_of(w_q));
+  TORCH_CHECK_VALUE(
+      w_k.sizes() == w_q.sizes(), op, ": w_k must have the shape of w_q ", shape_of(w_q), ", got ",
+      shape_of(w_k));
+}
+
+DiagMode check_diag(const char* op, const std::optional<at::Tensor>& diag, const at::Tensor& x, int64_t heads) {
+  if (!diag.has_value()) {
+    return DiagMode::kNone;
+  }
+  const auto& d = *diag;
+  check_like_x(op, "diag", d, x);
+  const int64_t dim = x.size(2);
+  if (d.dim() == 1 && d.size(0) == dim) {
+    return DiagMode::kShared;
+  }
+  TORCH_CHECK_VALUE(
+      d.dim() == 2 && d.size(0) == heads && d.size(1) == dim, op,
+      ": diag must have shape (D,) = (", dim, ",) for a shared diagonal or (H, D) = (", heads, ", ", dim,
+      ") for one per head, got ", shape_of(d));
+  return DiagMode::kPerHead;
+}
+
+void check_alibi(const char* op, const std::optional<at::Tensor>& slopes, const at::Tensor& x, int64_t heads) {
+  if (!slopes.has_value()) {
+    return;
+  }
+  check_like_x(op, "alibi_slopes", *slopes, x);
+  TORCH_CHECK_VALUE(
+      slopes->dim() == 1 && slopes->size(0) == heads, op, ": alibi_slopes must have shape (H,) = (", heads,
+      ",), got ", shape_of(*slopes));
+}
+
+void check_scale(const char* op, std::optional<double> scale) {
+  if (scale.has_value()) {
+    TORCH_CHECK_VALUE(
+        std::isfinite(*scale) && *scale > 0, op, ": scale must be a finite positive number or None, got ",
+        *scale);
+  }
+}
+
+// Shared by attention and mlp: the preconditioner P = diag(p) + U U^T and the step sizes.
+int64_t check_preconditioner_and_steps(
+    const char* op, const at::Tensor& x, const std::optional<at::Tensor>& precond_diag,
+    const std::optional<at::Tensor>& precond_lowrank, const at::Tensor& step_size, int64_t* rank) {
+  const int64_t dim = x.size(2);
+  if (precond_diag.has_value()) {
+    check_like_x(op, "precond_diag", *precond_diag, x);
+    TORCH_CHECK_VALUE(
+        precond_diag->dim() == 1 && precond_diag->size(0) == dim, op, ": precond_diag must have shape (D,) = (",
+        dim, ",), got ", shape_of(*precond_diag));
+  }
+  *rank = 0;
+  if (precond_lowrank.has_value()) {
+    check_like_x(op, "precond_lowrank", *precond_lowrank, x);
+    TORCH_CHECK_VALUE(
+        precond_lowrank->dim() == 2 && precond_lowrank->size(0) == dim && precond_lowrank->size(1) >= 1, op,
+        ": precond_lowrank must have shape (D, R) with D = ", dim,
+        " and R >= 1 (pass None for no low-rank part), got ", shape_of(*precond_lowrank));
+    *rank = precond_lowrank->size(1);
+  }
+  check_like_x(op, "step_size", step_size, x);
+  TORCH_CHECK_VALUE(
+      step_size.dim() == 1 && step_size.size(0) >= 1, op,
+      ": step_size must be a 1-D tensor of T >= 1 step sizes, got shape ", shape_of(step_size));
+  return step_size.size(0);
+}
+
+void check_context(const char* op, const at::Tensor& context, const at::Tensor& x) {
+  check_like_x(op, "context", context, x);
+  TORCH_CHECK_VALUE(
+      context.sizes() == x.sizes(), op, ": context must have the shape of x ", shape_of(x), ", got ",
+      shape_of(context));
+}
+
+void check_mlp_weights(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& v) {
+  check_like_x(op, "w", w, x);
+  check_like_x(op, "v", v, x);
+  TORCH_CHECK_VALUE(
+      w.dim() == 2 && w.size(1) == x.size(2) && w.size(0) >= 1, op,
+      ": w must have shape (M, D) with M >= 1 and D = ", x.size(2), " (the last dimension of x), got ",
+      shape_of(w));
+  TORCH_CHECK_VALUE(
+      v.sizes() == w.sizes(), op, ": v must have the shape of w ", shape_of(w), ", got ", shape_of(v));
+}
+
+}  // namespace
+
+Activation parse_activation(const char* op, const std::string& activation) {
+  TORCH_CHECK_VALUE(
+      activation == "silu" || activation == "gelu" || activation == "relu", op,
+      ": activation must be one of 'silu', 'gelu', 'relu', got '", activation, "'");
+  if (activation == "silu") return Activation::kSilu;
+  return activation == "gelu" ? Activation::kGelu : Activation::kRelu;
+}
+
+AttentionSizes check_attention_args(
+    const char* op, const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_k,
+    const std::optional<at::Tensor>& diag, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& precond_diag, const std::optional<at::Tensor>& precond_lowrank,
+    const at::Tensor& step_size, std::optional<double> scale) {
+  check_sequence_input(op, "x", x);
+  check_projections(op, x, w_q, w_k);
+  AttentionSizes sizes{};
+  sizes.batch = x.size(0);
+  sizes.seq = x.size(1);
+  sizes.dim = x.size(2);
+  sizes.heads = w_q.size(0);
+  sizes.head_dim = w_q.size(1);
+  sizes.diag_mode = check_diag(op, diag, x, sizes.heads);
+  check_alibi(op, alibi_slopes, x, sizes.heads);
+  sizes.steps = check_preconditioner_and_steps(op, x, precond_diag, precond_lowrank, step_size, &sizes.rank);
+  check_scale(op, scale);
+  return sizes;
+}
+
+void check_attention_energy_args(
+    const char* op, const at::Tensor& x, const at::Tensor& context, const at::Tensor& w_q,
+    const at::Tensor& w_k, const std::optional<at::Tensor>& diag,
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> scale) {
+  check_sequence_input(op, "x", x);
+  check_context(op, context, x);
+  check_projections(op, x, w_q, w_k);
+  check_diag(op, diag, x, w_q.size(0));
+  check_alibi(op, alibi_slopes, x, w_q.size(0));
+  check_scale(op, scale);
+}
+
+MlpSizes check_mlp_args(
+    const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& v,
+    const std::optional<at::Tensor>& precond_diag, const std::optional<at::Tensor>& precond_lowrank,
+    const at::Tensor& step_size, const std::string& activation) {
+  check_sequence_input(op, "x", x);
+  check_mlp_weights(op, x, w, v);
+  parse_activation(op, activation);
+  MlpSizes sizes{};
+  sizes.batch = x.size(0);
+  sizes.seq = x.size(1);
+  sizes.dim = x.size(2);
+  sizes.hidden = w.size(0);
+  sizes.steps = check_preconditioner_and_steps(op, x, precond_diag, precond_lowrank, step_size, &sizes.rank);
+  return sizes;
+}
+
+void check_mlp_energy_args(
+    const char* op, const at::Tensor& x, const at::Tensor& context, const at::Tensor& w,
+    const at::Tensor& v, const std::string& activation) {
+  check_sequence_input(op, "x", x);
+  check_context(op, context, x);
+  check_mlp_weights(op, x, w, v);
+  parse_activation(op, activation);
+}
+
+at::ScalarType accumulation_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+double resolve_scale(std::optional<double> scale, int64_t head_dim) {
+  return scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
+}
+
+}  // namespace cem

@@ -1,0 +1,53 @@
+// Argument validation shared by every cem op and backend: one place that turns bad input
+// into a clear error naming the argument, what was expected and what was given.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+
+namespace cem {
+
+enum class DiagMode { kNone, kShared, kPerHead };
+
+struct AttentionSizes {
+  int64_t batch, seq, dim, heads, head_dim, rank, steps;
+  DiagMode diag_mode;
+};
+
+struct MlpSizes {
+  int64_t batch, seq, dim, hidden, rank, steps;
+};
+
+enum class Activation { kSilu, kGelu, kRelu };
+
+AttentionSizes check_attention_args(
+    const char* op, const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_k,
+    const std::optional<at::Tensor>& diag, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& precond_diag, const std::optional<at::Tensor>& precond_lowrank,
+    const at::Tensor& step_size, std::optional<double> scale);
+
+void check_attention_energy_args(
+    const char* op, const at::Tensor& x, const at::Tensor& context, const at::Tensor& w_q,
+    const at::Tensor& w_k, const std::optional<at::Tensor>& diag,
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<double> scale);
+
+MlpSizes check_mlp_args(
+    const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& v,
+    const std::optional<at::Tensor>& precond_diag, const std::optional<at::Tensor>& precond_lowrank,
+    const at::Tensor& step_size, const std::string& activation);
+
+void check_mlp_energy_args(
+    const char* op, const at::Tensor& x, const at::Tensor& context, const at::Tensor& w,
+    const at::Tensor& v, const std::string& activation);
+
+Activation parse_activation(const char* op, const std::string& activation);
+
+// float32 for float32/bfloat16/float16 inputs, float64 for float64 (cem-math.md section 6).
+at::ScalarType accumulation_dtype(at::ScalarType dtype);
+
+// beta: Dh^-1/2 unless given.
+double resolve_scale(std::optional<double> scale, int64_t head_dim);
+
+}  // namespace cem

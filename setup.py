@@ -1,0 +1,123 @@
+"""Builds cem_ops._C by driving CMake + Ninja (CMakeLists.txt is the one build description).
+
+Environment:
+  CEM_OPS_CUDA=0|1        force the CUDA kernels off or on (default: on when torch has CUDA and nvcc is found)
+  TORCH_CUDA_ARCH_LIST    e.g. "8.0;9.0a" (the default) or "9.0a"; "+PTX" adds PTX for that arch
+  CUDA_HOME               CUDA toolkit root (default: /usr/local/cuda, else nvcc on PATH)
+  MAX_JOBS                parallel compile jobs (default: bounded by cores and free memory)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent.resolve()
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0a"
+MEMORY_PER_JOB_GB = 3  # nvcc and torch-heavy C++ units each peak near this
+
+
+def load_module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def find_nvcc() -> str | None:
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [Path(cuda_home) / "bin" / "nvcc"] if cuda_home else []
+    candidates.append(Path("/usr/local/cuda/bin/nvcc"))
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    return shutil.which("nvcc")
+
+
+def cuda_enabled(torch_module) -> tuple[bool, str | None]:
+    flag = os.environ.get("CEM_OPS_CUDA", "").strip()
+    nvcc = find_nvcc()
+    if flag == "0":
+        return False, None
+    if torch_module.version.cuda is None or nvcc is None:
+        if flag == "1":
+            raise RuntimeError(
+                f"CEM_OPS_CUDA=1 but torch {torch_module.__version__} has no CUDA"
+                if torch_module.version.cuda is None
+                else "CEM_OPS_CUDA=1 but nvcc was not found (set CUDA_HOME)"
+            )
+        return False, None
+    return True, nvcc
+
+
+def cmake_cuda_architectures(arch_list: str) -> str:
+    """"8.0;9.0a+PTX" -> "80-real;90a-real;90a-virtual" (PTX only where asked)."""
+    archs = []
+    for item in arch_list.replace(",", ";").replace(" ", ";").split(";"):
+        if not item:
+            continue
+        ptx = item.endswith("+PTX")
+        number = item.removesuffix("+PTX").replace(".", "")
+        archs.append(f"{number}-real")
+        if ptx:
+            archs.append(f"{number}-virtual")
+    if not archs:
+        raise RuntimeError(f"TORCH_CUDA_ARCH_LIST={arch_list!r} names no architecture")
+    return ";".join(archs)
+
+
+def parallel_jobs() -> int:
+    if os.environ.get("MAX_JOBS"):
+        return max(1, int(os.environ["MAX_JOBS"]))
+    available_gb = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    return max(1, min(os.cpu_count() or 1, int(available_gb // MEMORY_PER_JOB_GB)))
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import torch
+
+        output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = ROOT / "build" / f"cmake-py{sys.version_info.major}{sys.version_info.minor}"
+        with_cuda, nvcc = cuda_enabled(torch)
+        source_hash = load_module("_source_hash", ROOT / "cem_ops" / "_source_hash.py").source_hash(ROOT)
+        args = [
+            f"-DPython3_EXECUTABLE={sys.executable}",
+            f"-DCEM_OPS_OUTPUT_DIR={output_dir}",
+            f"-DCEM_OPS_SOURCE_HASH={source_hash}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCEM_OPS_CUDA={'ON' if with_cuda else 'OFF'}",
+        ]
+        if with_cuda:
+            arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCH_LIST
+            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCEM_OPS_CUDA_ARCHS={cmake_cuda_architectures(arch_list)}"]
+        if shutil.which("ccache"):
+            args += ["-DCMAKE_CXX_COMPILER_LAUNCHER=ccache", "-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
+        print(f"cem_ops: building with CUDA {'on' if with_cuda else 'off'}, {parallel_jobs()} jobs", flush=True)
+        subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja", *args])
+        subprocess.check_call(["cmake", "--build", str(build_dir), "--parallel", str(parallel_jobs())])
+
+
+setup(
+    name="cem_ops",
+    version="0.1.0",
+    description="Fused kernels for Causal Energy Minimization (CEM) Transformer layers in PyTorch",
+    packages=find_packages(include=["cem_ops", "cem_ops.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6"],
+    ext_modules=[CMakeExtension("cem_ops._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    zip_safe=False,
+)
