@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import reference
 from ..reference.common import accumulation_dtype
-from .backends import register_reference_fallback
+from .backends import register_no_double_backward, register_reference_fallback
 
 
 def attention(
@@ -115,6 +115,7 @@ def _backward(ctx, grad_out, *_unused_grads):
 
 
 torch.library.register_autograd("cem::attention_fwd", _backward, setup_context=_setup_context)
+register_no_double_backward("attention_bwd")
 
 
 def _attention_fwd_reference(x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale, save):

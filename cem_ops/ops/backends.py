@@ -23,6 +23,17 @@ def register_reference_fallback(op: str, fn: Callable) -> None:
     _fallback_lib.impl(op, fn, "CompositeExplicitAutograd")
 
 
+def register_no_double_backward(op: str) -> None:
+    """The explicit backward ops are not themselves differentiable: say so when asked."""
+
+    def refuse(ctx, *grads):
+        raise NotImplementedError(
+            f"cem::{op} is not differentiable: double backward (create_graph=True) through cem ops is not supported"
+        )
+
+    torch.library.register_autograd(f"cem::{op}", refuse, setup_context=lambda ctx, inputs, output: None)
+
+
 def kernel_backends() -> dict[str, dict[str, str]]:
     """{op: {device: "compiled" | "reference"}} for the ops that do the work."""
     return {

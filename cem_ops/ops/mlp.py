@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .backends import register_reference_fallback
+from .backends import register_no_double_backward, register_reference_fallback
 
 
 def mlp(
@@ -82,6 +82,7 @@ def _backward(ctx, grad_out, *_unused_grads):
 
 
 torch.library.register_autograd("cem::mlp_fwd", _backward, setup_context=_setup_context)
+register_no_double_backward("mlp_bwd")
 
 
 def _mlp_fwd_reference(x, w, v, precond_diag, precond_lowrank, step_size, activation, save):

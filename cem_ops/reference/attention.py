@@ -53,14 +53,19 @@ def causal_bias(alibi_slopes: Tensor | None, n: int, dtype: torch.dtype, device:
     return bias.masked_fill(distance < 0, float("-inf"))
 
 
-def project(x: Tensor, w: Tensor) -> Tensor:
-    """(B, N, D) x (H, Dh, D) -> (B, H, N, Dh)."""
-    return torch.einsum("bnd,hed->bhne", x, w)
+def project(x: Tensor, w: Tensor, storage: torch.dtype | None = None) -> Tensor:
+    """(B, N, D) x (H, Dh, D) -> (B, H, N, Dh), rounded through ``storage`` (the input dtype)
+    as a tensor-core kernel stores q and k, so that all backends share the same operands."""
+    out = torch.einsum("bnd,hed->bhne", x, w)
+    return out if storage is None or storage == out.dtype else out.to(storage).to(out.dtype)
 
 
-def scores(x: Tensor, context: Tensor, keys: Tensor, w_q: Tensor, diag: Tensor | None, bias: Tensor, scale: float) -> Tensor:
+def scores(
+    x: Tensor, context: Tensor, keys: Tensor, w_q: Tensor, diag: Tensor | None, bias: Tensor, scale: float,
+    storage: torch.dtype | None = None,
+) -> Tensor:
     """s^k_ij = beta (q^k_i . k^k_j + (lambda_k * x_i) . c_j) + b^k_ij, shape (B, H, N, N)."""
-    s = project(x, w_q) @ keys.transpose(-1, -2)
+    s = project(x, w_q, storage) @ keys.transpose(-1, -2)
     if diag is not None and diag.dim() == 1:
         s = s + ((x * diag) @ context.transpose(-1, -2))[:, None]
     elif diag is not None:
@@ -83,10 +88,11 @@ class AttentionStep(NamedTuple):
 
 
 def attention_step(
-    x: Tensor, context: Tensor, keys: Tensor, w_q: Tensor, diag: Tensor | None, bias: Tensor, scale: float
+    x: Tensor, context: Tensor, keys: Tensor, w_q: Tensor, diag: Tensor | None, bias: Tensor, scale: float,
+    storage: torch.dtype | None = None,
 ) -> AttentionStep:
     """G(x) = sum_k W_Qk^T o^k + sum_k lambda_k * obar^k for one iterate (all in one dtype)."""
-    s = scores(x, context, keys, w_q, diag, bias, scale)
+    s = scores(x, context, keys, w_q, diag, bias, scale, storage)
     lse = torch.logsumexp(s, dim=-1)
     probs = torch.exp(s - lse[..., None])
     o = probs @ keys
@@ -108,23 +114,28 @@ def attention_forward(
     step_size: Tensor,
     scale: float | None,
     save_for_backward: bool = True,
+    upcast: bool = True,
 ) -> AttentionForward:
-    """T steps of x <- x + eta P G(x); returns Delta and (optionally) the backward state."""
-    acc = accumulation_dtype(x.dtype)
+    """T steps of x <- x + eta P G(x); returns Delta and (optionally) the backward state.
+
+    ``upcast=False`` computes everything in the input dtype: the error of that plain
+    low-precision PyTorch is the yardstick low-precision kernels are judged against.
+    """
+    acc = accumulation_dtype(x.dtype) if upcast else x.dtype
     batch, n, dim = x.shape
     heads, head_dim, _ = w_q.shape
     beta = resolve_scale(scale, head_dim)
     context = x.to(acc)
     wq, wk, lam = w_q.to(acc), w_k.to(acc), cast(diag, acc)
     p_diag, p_lowrank, eta = cast(precond_diag, acc), cast(precond_lowrank, acc), step_size.to(acc)
-    keys = project(context, wk)  # once per call: the context never moves
+    keys = project(context, wk, x.dtype)  # once per call: the context never moves
     bias = causal_bias(alibi_slopes, n, acc, x.device)
 
     delta = torch.zeros_like(context)
     x_t = x
     iterates, head_outputs, diag_values, lses = [], [], [], []
     for t in range(step_size.shape[0]):
-        step = attention_step(x_t.to(acc), context, keys, wq, lam, bias, beta)
+        step = attention_step(x_t.to(acc), context, keys, wq, lam, bias, beta, x.dtype)
         delta = delta + eta[t] * precondition(step.neg_grad, p_diag, p_lowrank)
         head_outputs.append(step.head_output.transpose(1, 2).to(x.dtype))
         if step.diag_value is not None:
@@ -135,9 +146,8 @@ def attention_forward(
             iterates.append(x_t)
 
     out = delta.to(x.dtype)
-    if not save_for_backward:
-        empty = x.new_empty(0)
-        return AttentionForward(out, empty, empty, empty, empty.to(acc))
+    if not save_for_backward:  # distinct empty tensors: outputs must not alias
+        return AttentionForward(out, x.new_empty(0), x.new_empty(0), x.new_empty(0), x.new_empty(0, dtype=acc))
     return AttentionForward(
         out,
         torch.stack(iterates) if iterates else x.new_empty(0, batch, n, dim),
@@ -157,12 +167,14 @@ def attention(
     precond_lowrank: Tensor | None = None,
     step_size: Tensor | None = None,
     scale: float | None = None,
+    upcast: bool = True,
 ) -> Tensor:
     """Delta = x^T - x^0 of CEM attention (reference, differentiable by autograd)."""
     if step_size is None:
         raise ValueError("step_size is required: a 1-D tensor of T >= 1 step sizes")
     fwd = attention_forward(
-        x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale, save_for_backward=False
+        x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale,
+        save_for_backward=False, upcast=upcast,
     )
     return fwd.out
 

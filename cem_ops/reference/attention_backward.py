@@ -178,7 +178,7 @@ def attention_backward(
     p_diag, p_lowrank, eta = cast(precond_diag, acc), cast(precond_lowrank, acc), step_size.to(acc)
     shared = _Shared(
         context=context,
-        keys=project(context, wk),
+        keys=project(context, wk, x.dtype),
         diag=lam,
         bias=causal_bias(alibi_slopes, n, acc, x.device),
         scale=resolve_scale(scale, w_q.shape[1]),
@@ -211,7 +211,7 @@ def attention_backward(
 
         state = _StepState(
             x=x_t,
-            q=project(x_t, wq),
+            q=project(x_t, wq, x.dtype),
             lse=lse[t].to(acc),
             head_output=o,
             grad_head_output=project(grad_g, wq),

@@ -98,8 +98,11 @@ def mlp_forward(
     step_size: Tensor,
     activation_name: str = "silu",
     save_for_backward: bool = True,
+    upcast: bool = True,
 ) -> MLPForward:
-    acc = accumulation_dtype(x.dtype)
+    """T steps of x <- x + eta P G(x); ``upcast=False`` computes in the input dtype (the
+    plain low-precision yardstick)."""
+    acc = accumulation_dtype(x.dtype) if upcast else x.dtype
     context = x.to(acc)
     w_acc = w.to(acc)
     gate = context @ v.to(acc).transpose(0, 1)  # v c: once per call
@@ -115,9 +118,8 @@ def mlp_forward(
             x_t = (context + delta).to(x.dtype)
             iterates.append(x_t)
     out = delta.to(x.dtype)
-    if not save_for_backward:
-        empty = x.new_empty(0)
-        return MLPForward(out, empty, empty)
+    if not save_for_backward:  # distinct empty tensors: outputs must not alias
+        return MLPForward(out, x.new_empty(0), x.new_empty(0))
     stacked_iterates = torch.stack(iterates) if iterates else x.new_empty(0, *x.shape)
     return MLPForward(out, stacked_iterates, torch.stack(neg_grads))
 
@@ -130,11 +132,14 @@ def mlp(
     precond_lowrank: Tensor | None = None,
     step_size: Tensor | None = None,
     activation: str = "silu",
+    upcast: bool = True,
 ) -> Tensor:
     """Delta = x^T - x^0 of the CEM MLP (reference, differentiable by autograd)."""
     if step_size is None:
         raise ValueError("step_size is required: a 1-D tensor of T >= 1 step sizes")
-    return mlp_forward(x, w, v, precond_diag, precond_lowrank, step_size, activation, save_for_backward=False).out
+    return mlp_forward(
+        x, w, v, precond_diag, precond_lowrank, step_size, activation, save_for_backward=False, upcast=upcast
+    ).out
 
 
 def mlp_energy(x: Tensor, context: Tensor, w: Tensor, v: Tensor, activation: str = "silu") -> Tensor:

@@ -1,0 +1,220 @@
+"""Random inputs and tolerances shared by the tests, the benchmarks and the demo.
+
+Inputs are never zeros or constants: every call draws fresh values (seed it for reproducibility).
+Tolerances are relative errors ||out - ref|| / ||ref|| against a float64 reference (cem-math.md
+section 6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+# Relative error bounds against the float64 reference, one place for every test.
+TOLERANCES = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-4,
+    torch.bfloat16: 1e-2,
+    torch.float16: 1e-2,
+}
+
+
+# Low-precision results may also be judged against plain PyTorch at that precision: a kernel is
+# fine when its error is within this factor of the reference computed without upcasting.
+PLAIN_ERROR_FACTOR = 2.0
+
+
+def error_bound(dtype: torch.dtype, plain_error: float = 0.0) -> float:
+    """Largest acceptable relative error: the contract's tolerance, or PLAIN_ERROR_FACTOR times
+    the error of plain PyTorch in ``dtype`` (the reference with upcast=False) when that is larger."""
+    return max(TOLERANCES[dtype], PLAIN_ERROR_FACTOR * plain_error)
+
+
+def relative_error(out: Tensor, ref: Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (0 when both are empty)."""
+    if ref.numel() == 0:
+        return 0.0
+    out64, ref64 = out.detach().to(torch.float64), ref.detach().to(torch.float64)
+    return ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-300)).item()
+
+
+def _random(generator, dtype, device, shape, std=1.0, low=None) -> Tensor:
+    """Normal(0, std) draws; with ``low``, positive draws low + |Normal(0, std)| (step sizes,
+    preconditioner diagonals, slopes: well-conditioned but never constant)."""
+    t = torch.randn(*shape, generator=generator, dtype=torch.float64) * std
+    if low is not None:
+        t = t.abs() + low
+    return t.to(dtype).to(device)
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """One point of the attention option space; ``make`` draws its tensors."""
+
+    batch: int = 2
+    seq: int = 13
+    dim: int = 16
+    heads: int = 2
+    head_dim: int = 8
+    steps: int = 2
+    diag: str = "shared"  # "none" | "shared" | "per_head"
+    alibi: bool = True
+    precond_diag: bool = True
+    precond_rank: int = 3  # 0: no low-rank part
+    scale: float | None = None
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+    def with_(self, **changes) -> "AttentionCase":
+        return replace(self, **changes)
+
+    def make(self, generator: torch.Generator | None = None, requires_grad: bool = False) -> "AttentionInputs":
+        def draw(*shape, std=1.0, low=None):
+            return _random(generator, self.dtype, self.device, shape, std, low)
+
+        d, h = self.dim, self.heads
+        inputs = AttentionInputs(
+            x=draw(self.batch, self.seq, d),
+            w_q=draw(h, self.head_dim, d, std=d**-0.5),
+            w_k=draw(h, self.head_dim, d, std=d**-0.5),
+            diag={"none": None, "shared": draw(d, std=0.3), "per_head": draw(h, d, std=0.3)}[self.diag],
+            alibi_slopes=draw(h, std=0.2, low=0.05) if self.alibi else None,
+            precond_diag=draw(d, std=0.5, low=0.5) if self.precond_diag else None,
+            precond_lowrank=draw(d, self.precond_rank, std=0.3 * d**-0.5) if self.precond_rank else None,
+            step_size=draw(self.steps, std=0.4, low=0.2),
+            scale=self.scale,
+        )
+        if requires_grad:
+            for t in inputs.differentiable():
+                t.requires_grad_(True)
+        return inputs
+
+
+@dataclass
+class AttentionInputs:
+    x: Tensor
+    w_q: Tensor
+    w_k: Tensor
+    diag: Tensor | None
+    alibi_slopes: Tensor | None
+    precond_diag: Tensor | None
+    precond_lowrank: Tensor | None
+    step_size: Tensor
+    scale: float | None
+
+    def args(self) -> tuple:
+        """Positional arguments in schema order (torch.ops.cem.attention)."""
+        return (
+            self.x, self.w_q, self.w_k, self.diag, self.alibi_slopes,
+            self.precond_diag, self.precond_lowrank, self.step_size, self.scale,
+        )
+
+    def differentiable(self) -> list[Tensor]:
+        """The tensors with gradients, in schema order (alibi_slopes are constants)."""
+        candidates = (self.x, self.w_q, self.w_k, self.diag, self.precond_diag, self.precond_lowrank, self.step_size)
+        return [t for t in candidates if t is not None]
+
+    def to(self, dtype: torch.dtype) -> "AttentionInputs":
+        def cast(t):
+            return None if t is None else t.detach().to(dtype)
+
+        return AttentionInputs(*(cast(t) for t in self.args()[:-1]), scale=self.scale)
+
+
+@dataclass(frozen=True)
+class MLPCase:
+    batch: int = 2
+    seq: int = 7
+    dim: int = 12
+    hidden: int = 20
+    steps: int = 2
+    precond_diag: bool = True
+    precond_rank: int = 2
+    activation: str = "silu"
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+    def with_(self, **changes) -> "MLPCase":
+        return replace(self, **changes)
+
+    def make(self, generator: torch.Generator | None = None, requires_grad: bool = False) -> "MLPInputs":
+        def draw(*shape, std=1.0, low=None):
+            return _random(generator, self.dtype, self.device, shape, std, low)
+
+        d, m = self.dim, self.hidden
+        inputs = MLPInputs(
+            x=draw(self.batch, self.seq, d),
+            w=draw(m, d, std=d**-0.5),
+            v=draw(m, d, std=m**-0.5),
+            precond_diag=draw(d, std=0.5, low=0.5) if self.precond_diag else None,
+            precond_lowrank=draw(d, self.precond_rank, std=0.3 * d**-0.5) if self.precond_rank else None,
+            step_size=draw(self.steps, std=0.4, low=0.2),
+            activation=self.activation,
+        )
+        if requires_grad:
+            for t in inputs.differentiable():
+                t.requires_grad_(True)
+        return inputs
+
+
+@dataclass
+class MLPInputs:
+    x: Tensor
+    w: Tensor
+    v: Tensor
+    precond_diag: Tensor | None
+    precond_lowrank: Tensor | None
+    step_size: Tensor
+    activation: str = field(default="silu")
+
+    def args(self) -> tuple:
+        """Positional arguments in schema order (torch.ops.cem.mlp)."""
+        return (self.x, self.w, self.v, self.precond_diag, self.precond_lowrank, self.step_size, self.activation)
+
+    def differentiable(self) -> list[Tensor]:
+        candidates = (self.x, self.w, self.v, self.precond_diag, self.precond_lowrank, self.step_size)
+        return [t for t in candidates if t is not None]
+
+    def to(self, dtype: torch.dtype) -> "MLPInputs":
+        def cast(t):
+            return None if t is None else t.detach().to(dtype)
+
+        return MLPInputs(*(cast(t) for t in self.args()[:-1]), activation=self.activation)
+
+
+def attention_flops(batch: int, seq: int, dim: int, heads: int, head_dim: int, steps: int, diag: str) -> float:
+    """Useful forward FLOPs of one attention call (2 per multiply-add), causal half of the scores.
+
+    Projections: K once (B N D HDh), per step Q and the output W_Q^T o (2 B N D HDh).
+    Core per step and head: scores and P K over the causal half, 2 * (N^2/2) * Dh each.
+    Shared diagonal per step: its score term and Pbar c, 2 * (N^2/2) * D each, once for all heads;
+    per-head diagonal: the same for every head.
+    """
+    causal_pairs = batch * seq * (seq + 1) / 2
+    projections = 2 * batch * seq * dim * heads * head_dim * (1 + 2 * steps)
+    core = steps * heads * causal_pairs * 2 * (2 * head_dim)
+    diag_heads = {"none": 0, "shared": 1, "per_head": heads}[diag]
+    diagonal = steps * diag_heads * causal_pairs * 2 * (2 * dim)
+    return projections + core + diagonal
+
+
+def llama_attention_flops(batch: int, seq: int, dim: int, heads: int, head_dim: int) -> float:
+    """Forward FLOPs of a Llama attention layer: Q, K, V, O projections and the causal core."""
+    causal_pairs = batch * seq * (seq + 1) / 2
+    return 2 * batch * seq * dim * heads * head_dim * 4 + heads * causal_pairs * 2 * (2 * head_dim)
+
+
+__all__ = [
+    "AttentionCase",
+    "AttentionInputs",
+    "MLPCase",
+    "MLPInputs",
+    "PLAIN_ERROR_FACTOR",
+    "TOLERANCES",
+    "error_bound",
+    "attention_flops",
+    "llama_attention_flops",
+    "relative_error",
+]

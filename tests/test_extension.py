@@ -1,0 +1,39 @@
+"""The compiled extension: build information and the refusal of a stale binary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cem_ops
+from cem_ops import _extension
+
+
+def test_build_info_describes_the_binary():
+    info = cem_ops.build_info()
+    assert info["torch_version"] == torch.__version__
+    assert set(info["kernels"]) == {"attention_fwd", "attention_bwd", "mlp_fwd", "mlp_bwd"}
+    for backends in info["kernels"].values():
+        assert set(backends.values()) <= {"compiled", "reference"}
+
+
+def test_every_op_is_registered():
+    for name in ("attention", "attention_energy", "mlp", "mlp_energy", "attention_fwd", "attention_bwd",
+                 "mlp_fwd", "mlp_bwd"):
+        assert hasattr(torch.ops.cem, name)
+
+
+def test_stale_extension_is_refused(monkeypatch):
+    monkeypatch.setattr(_extension, "source_hash", lambda root: "0" * 16)
+    monkeypatch.delenv("CEM_OPS_ALLOW_STALE", raising=False)
+    with pytest.raises(ImportError, match="stale.*pip install --no-build-isolation -e ."):
+        _extension.load_extension()
+    monkeypatch.setenv("CEM_OPS_ALLOW_STALE", "1")
+    with pytest.warns(UserWarning, match="stale"):
+        _extension.load_extension()
+
+
+def test_torch_version_mismatch_is_refused(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    with pytest.raises(ImportError, match="built against torch .* but torch 0.0.1 is installed"):
+        _extension.load_extension()

@@ -1,0 +1,131 @@
+"""Bad input raises a clear error naming the argument: ValueError for shapes and values,
+TypeError for dtypes. Nothing crashes, nothing is silently wrong."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import cem_ops
+from cem_ops.testing import AttentionCase, MLPCase
+
+
+@pytest.fixture
+def att(rng):
+    return AttentionCase(batch=2, seq=5, dim=8, heads=2, head_dim=4, steps=2, diag="shared").make(rng)
+
+
+@pytest.fixture
+def mlp_in(rng):
+    return MLPCase(dim=8, hidden=6).make(rng)
+
+
+def call_attention(inputs, **changes):
+    kwargs = dict(diag=inputs.diag, alibi_slopes=inputs.alibi_slopes, precond_diag=inputs.precond_diag,
+                  precond_lowrank=inputs.precond_lowrank, step_size=inputs.step_size, scale=inputs.scale)
+    positional = dict(x=inputs.x, w_q=inputs.w_q, w_k=inputs.w_k)
+    for name, value in changes.items():
+        (positional if name in positional else kwargs)[name] = value
+    return cem_ops.attention(positional["x"], positional["w_q"], positional["w_k"], **kwargs)
+
+
+ATTENTION_SHAPE_ERRORS = [
+    ("x", lambda a: a.x[0], "x must be a 3-D tensor"),
+    ("x", lambda a: a.x[..., :0], "D >= 1"),
+    ("w_q", lambda a: a.w_q[..., :5], r"w_q must have shape \(H, Dh, D\)"),
+    ("w_q", lambda a: a.w_q[0], r"w_q must have shape \(H, Dh, D\)"),
+    ("w_k", lambda a: a.w_k[:, :3], "w_k must have the shape of w_q"),
+    ("diag", lambda a: a.diag[:7], r"diag must have shape \(D,\)"),
+    ("diag", lambda a: torch.stack([a.diag] * 3), r"\(H, D\) = \(2, 8\)"),
+    ("alibi_slopes", lambda a: a.alibi_slopes[:1], r"alibi_slopes must have shape \(H,\)"),
+    ("precond_diag", lambda a: a.precond_diag[:3], r"precond_diag must have shape \(D,\)"),
+    ("precond_lowrank", lambda a: a.precond_lowrank[:4], r"precond_lowrank must have shape \(D, R\)"),
+    ("precond_lowrank", lambda a: a.precond_lowrank[:, :0], "R >= 1"),
+    ("step_size", lambda a: a.step_size[:0], "T >= 1"),
+    ("step_size", lambda a: a.step_size[0], "1-D tensor"),
+]
+
+
+@pytest.mark.parametrize("name,corrupt,message", ATTENTION_SHAPE_ERRORS, ids=lambda v: v if isinstance(v, str) else "")
+def test_attention_shape_errors(att, name, corrupt, message):
+    with pytest.raises(ValueError, match=f"cem::attention: .*{message}"):
+        call_attention(att, **{name: corrupt(att)})
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, math.inf, math.nan])
+def test_attention_bad_scale(att, scale):
+    with pytest.raises(ValueError, match="scale must be a finite positive number"):
+        call_attention(att, scale=scale)
+
+
+@pytest.mark.parametrize("name", ["w_q", "w_k", "diag", "alibi_slopes", "precond_diag", "precond_lowrank", "step_size"])
+def test_attention_mixed_dtypes(att, name):
+    with pytest.raises(TypeError, match=f"{name} must have the dtype of x"):
+        call_attention(att, **{name: getattr(att, name).double()})
+
+
+@pytest.mark.parametrize("name", ["w_q", "diag", "step_size"])
+def test_attention_mixed_devices(att, name):
+    with pytest.raises(ValueError, match=f"{name} must be on the device of x"):
+        call_attention(att, **{name: getattr(att, name).to("meta")})
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.bool])
+def test_attention_unsupported_dtype(att, dtype):
+    with pytest.raises(TypeError, match="x must be float32, float64, bfloat16 or float16"):
+        call_attention(att, x=att.x.to(dtype))
+
+
+def test_attention_energy_errors(att):
+    with pytest.raises(ValueError, match="cem::attention_energy: context must have the shape of x"):
+        cem_ops.attention_energy(att.x, att.x[:, :3], att.w_q, att.w_k)
+    with pytest.raises(TypeError, match="context must have the dtype of x"):
+        cem_ops.attention_energy(att.x, att.x.double(), att.w_q, att.w_k)
+    with pytest.raises(ValueError, match="scale must be a finite positive number"):
+        cem_ops.attention_energy(att.x, att.x, att.w_q, att.w_k, scale=math.nan)
+
+
+def test_kernel_ops_validate_too(att):
+    """The fwd/bwd ops can be called directly; they check their inputs as well."""
+    with pytest.raises((ValueError, RuntimeError), match="w_q|shape|size"):
+        torch.ops.cem.attention_fwd(att.x, att.w_q[..., :5], att.w_k, None, None, None, None, att.step_size, None, True)
+
+
+def call_mlp(inputs, **changes):
+    kwargs = dict(precond_diag=inputs.precond_diag, precond_lowrank=inputs.precond_lowrank,
+                  step_size=inputs.step_size, activation=inputs.activation)
+    positional = dict(x=inputs.x, w=inputs.w, v=inputs.v)
+    for name, value in changes.items():
+        (positional if name in positional else kwargs)[name] = value
+    return cem_ops.mlp(positional["x"], positional["w"], positional["v"], **kwargs)
+
+
+MLP_ERRORS = [
+    ("x", lambda m: m.x[0], ValueError, "x must be a 3-D tensor"),
+    ("w", lambda m: m.w[:, :5], ValueError, r"w must have shape \(M, D\)"),
+    ("v", lambda m: m.v[:3], ValueError, "v must have the shape of w"),
+    ("precond_diag", lambda m: m.precond_diag[:2], ValueError, r"precond_diag must have shape \(D,\)"),
+    ("step_size", lambda m: m.step_size[:0], ValueError, "T >= 1"),
+    ("w", lambda m: m.w.double(), TypeError, "w must have the dtype of x"),
+    ("activation", lambda m: "tanh", ValueError, "activation must be one of 'silu', 'gelu', 'relu', got 'tanh'"),
+]
+
+
+@pytest.mark.parametrize("name,corrupt,error,message", MLP_ERRORS, ids=lambda v: v if isinstance(v, str) else "")
+def test_mlp_errors(mlp_in, name, corrupt, error, message):
+    with pytest.raises(error, match=f"cem::mlp: .*{message}"):
+        call_mlp(mlp_in, **{name: corrupt(mlp_in)})
+
+
+def test_mlp_energy_errors(mlp_in):
+    with pytest.raises(ValueError, match="cem::mlp_energy: context must have the shape of x"):
+        cem_ops.mlp_energy(mlp_in.x, mlp_in.x[:1], mlp_in.w, mlp_in.v)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        cem_ops.mlp_energy(mlp_in.x, mlp_in.x, mlp_in.w, mlp_in.v, activation="swish")
+
+
+def test_step_size_must_be_a_tensor(att):
+    with pytest.raises((TypeError, RuntimeError), match="step_size"):
+        call_attention(att, step_size=0.5)
