@@ -15,7 +15,7 @@ from ._extension import load_extension
 
 _C = load_extension()
 
-from . import reference  # noqa: E402
+from . import nn, reference, testing  # noqa: E402
 from .ops.attention import attention, attention_energy  # noqa: E402
 from .ops.backends import build_info, kernel_backends  # noqa: E402
 from .ops.mlp import mlp, mlp_energy  # noqa: E402
@@ -29,5 +29,7 @@ __all__ = [
     "kernel_backends",
     "mlp",
     "mlp_energy",
+    "nn",
     "reference",
+    "testing",
 ]

@@ -25,7 +25,7 @@ from torch import Tensor
 from .attention import causal_bias, project, resolve_scale
 from .common import accumulation_dtype, cast, precondition, precondition_backward
 
-DEFAULT_BLOCK = 64
+DEFAULT_BLOCK = 256  # fallback path: fewer Python-level tiles; tests pass small blocks
 
 
 class AttentionGrads(NamedTuple):

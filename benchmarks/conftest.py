@@ -1,0 +1,44 @@
+"""pytest-benchmark setup: the device grid to run (--bench-device) and the machine's identity
+recorded in the JSON (GPU name, clocks and driver via nvidia-ml-py; CPU model; versions; git SHA)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-device", default="auto", choices=("auto", "cpu", "cuda"),
+                     help="device whose grid runs (auto: cuda when available)")
+    parser.addoption("--bench-quick", action="store_true", help="smallest sequence length of the grid only")
+
+
+def bench_device(config) -> str:
+    choice = config.getoption("--bench-device")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def pytest_generate_tests(metafunc):
+    if "bench_config" not in metafunc.fixturenames:
+        return
+    device = bench_device(metafunc.config)
+    grid = harness.cuda_grid() if device == "cuda" else harness.cpu_grid()
+    if metafunc.config.getoption("--bench-quick"):
+        grid = [c for c in grid if c.seq == min(g.seq for g in grid)]
+    impls = harness.IMPLEMENTATIONS if device == "cuda" else ("reference", "ours")
+    metafunc.parametrize("bench_config", grid, ids=lambda c: c.label)
+    metafunc.parametrize("impl", impls)
+    metafunc.parametrize("mode", harness.MODES)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["cem_ops"] = harness.machine_identity(bench_device(config))

@@ -1,0 +1,123 @@
+"""Turns a pytest-benchmark JSON of test_attention_speed.py into a Markdown table and a PNG plot.
+
+    python benchmarks/report.py benchmarks/results/<name>.json   # writes <name>.md and <name>.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def load(path: Path) -> tuple[dict, list[dict]]:
+    data = json.loads(path.read_text())
+    rows = []
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        median = bench["stats"]["median"]
+        rows.append({
+            **info,
+            "median_ms": median * 1e3,
+            "q1_ms": bench["stats"]["q1"] * 1e3,
+            "q3_ms": bench["stats"]["q3"] * 1e3,
+            "tflops": info["flops"] / median / 1e12,
+            "gbps": info["min_bytes"] / median / 1e9,
+        })
+    return data.get("machine_info", {}), rows
+
+
+def yardstick_key(row: dict) -> tuple:
+    return (row["mode"], row["model"], row["seq"])
+
+
+def table(rows: list[dict]) -> str:
+    llama = {yardstick_key(r): r for r in rows if r["impl"] == "llama"}
+    by_config = defaultdict(dict)
+    for r in rows:
+        if r["impl"] != "llama":
+            by_config[(r["mode"], r["config"])][r["impl"]] = r
+    lines = [
+        "| mode | config | impl | median ms (q1-q3) | TFLOP/s | GB/s (min bytes) | peak MiB | vs reference | vs stock | vs llama (time, memory) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (mode, config), impls in sorted(by_config.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        any_row = next(iter(impls.values()))
+        yard = llama.get(yardstick_key(any_row))
+        for name in ("reference", "stock", "ours"):
+            r = impls.get(name)
+            if r is None:
+                continue
+            peak = "" if r.get("peak_memory_bytes") is None else f"{r['peak_memory_bytes'] / 2**20:.0f}"
+            ratios = []
+            for other in ("reference", "stock"):
+                o = impls.get(other)
+                ratios.append(f"{o['median_ms'] / r['median_ms']:.2f}x faster" if o and name == "ours" else "")
+            vs_llama = ""
+            if yard and name == "ours":
+                vs_llama = f"{r['median_ms'] / yard['median_ms']:.2f}x time"
+                if r.get("peak_memory_bytes") and yard.get("peak_memory_bytes"):
+                    vs_llama += f", {r['peak_memory_bytes'] / yard['peak_memory_bytes']:.2f}x memory"
+            lines.append(
+                f"| {mode} | {config} | {name} ({r['backend']}) | {r['median_ms']:.3f} ({r['q1_ms']:.3f}-{r['q3_ms']:.3f}) "
+                f"| {r['tflops']:.4g} | {r['gbps']:.4g} | {peak} | {ratios[0]} | {ratios[1]} | {vs_llama} |"
+            )
+        if yard:
+            peak = "" if yard.get("peak_memory_bytes") is None else f"{yard['peak_memory_bytes'] / 2**20:.0f}"
+            lines.append(f"| {mode} | {config} | llama (yardstick) | {yard['median_ms']:.3f} | {yard['tflops']:.4g} "
+                         f"| {yard['gbps']:.4g} | {peak} | | | |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written")
+        return False
+    panels = sorted({(r["mode"], r["model"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (mode, model) in zip(axes[0], panels):
+        series = defaultdict(list)
+        for r in rows:
+            if (r["mode"], r["model"]) == (mode, model):
+                label = r["impl"] if r["impl"] == "llama" else f"{r['impl']} T{r['steps']} {r['diag']}"
+                series[label].append((r["seq"], r["tflops"]))
+        for label, points in sorted(series.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel("useful TFLOP/s")
+        ax.set_title(f"{mode}, {model}")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", type=Path)
+    args = parser.parse_args()
+    machine, rows = load(args.json)
+    identity = machine.get("cem_ops", {})
+    header = [f"# CEM attention benchmark: {args.json.stem}", "",
+              f"Machine: `{json.dumps(identity.get('gpu') or identity.get('cpu'))}`", "",
+              f"torch {identity.get('torch')}, CUDA {identity.get('cuda')}, git {identity.get('git_sha')}, "
+              f"kernels {json.dumps(identity.get('kernels', {}).get('attention_fwd'))}", "",
+              "FLOP convention: see benchmarks/harness.py (useful FLOPs, causal half, diagonal terms included; "
+              "forward+backward = 3x forward).", ""]
+    md = args.json.with_suffix(".md")
+    md.write_text("\n".join(header) + table(rows) + "\n")
+    print(md.read_text())
+    if plot(rows, args.json.with_suffix(".png")):
+        print(f"wrote {args.json.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
