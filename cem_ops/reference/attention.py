@@ -179,6 +179,16 @@ def attention(
     return fwd.out
 
 
+def _step_at(x, context, w_q, w_k, diag, alibi_slopes, scale) -> tuple[AttentionStep, float]:
+    """One step's quantities for an iterate x given a context, in the accumulation dtype."""
+    acc = accumulation_dtype(x.dtype)
+    beta = resolve_scale(scale, w_q.shape[1])
+    c = context.to(acc)
+    keys = project(c, w_k.to(acc))
+    bias = causal_bias(alibi_slopes, x.shape[1], acc, x.device)
+    return attention_step(x.to(acc), c, keys, w_q.to(acc), cast(diag, acc), bias, beta), beta
+
+
 def attention_neg_grad(
     x: Tensor,
     context: Tensor,
@@ -189,11 +199,7 @@ def attention_neg_grad(
     scale: float | None = None,
 ) -> Tensor:
     """G(x) = -grad E(x) for iterate x and context c, shape (B, N, D), accumulation dtype."""
-    acc = accumulation_dtype(x.dtype)
-    c, wq = context.to(acc), w_q.to(acc)
-    keys = project(c, w_k.to(acc))
-    bias = causal_bias(alibi_slopes, x.shape[1], acc, x.device)
-    return attention_step(x.to(acc), c, keys, wq, cast(diag, acc), bias, resolve_scale(scale, w_q.shape[1])).neg_grad
+    return _step_at(x, context, w_q, w_k, diag, alibi_slopes, scale)[0].neg_grad
 
 
 def attention_energy(
@@ -206,10 +212,5 @@ def attention_energy(
     scale: float | None = None,
 ) -> Tensor:
     """E_i(x) = -(1/beta) sum_k log sum_{j<=i} exp(s^k_ij(x)), shape (B, N), dtype of x."""
-    acc = accumulation_dtype(x.dtype)
-    beta = resolve_scale(scale, w_q.shape[1])
-    c = context.to(acc)
-    keys = project(c, w_k.to(acc))
-    bias = causal_bias(alibi_slopes, x.shape[1], acc, x.device)
-    s = scores(x.to(acc), c, keys, w_q.to(acc), cast(diag, acc), bias, beta)
-    return (-torch.logsumexp(s, dim=-1).sum(1) / beta).to(x.dtype)
+    step, beta = _step_at(x, context, w_q, w_k, diag, alibi_slopes, scale)
+    return (-step.lse.sum(1) / beta).to(x.dtype)

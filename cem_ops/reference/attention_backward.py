@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .attention import causal_bias, project, resolve_scale
-from .common import accumulation_dtype, cast, precondition, precondition_backward
+from .common import EpilogueGrads, accumulation_dtype, cast
 
 DEFAULT_BLOCK = 256  # fallback path: fewer Python-level tiles; tests pass small blocks
 
@@ -190,9 +190,7 @@ def attention_backward(
     grad_context = torch.zeros_like(context)
     grad_wq = torch.zeros_like(wq)
     grad_diag = None if lam is None else torch.zeros_like(lam)
-    grad_p_diag = None if p_diag is None else torch.zeros_like(p_diag)
-    grad_p_lowrank = None if p_lowrank is None else torch.zeros_like(p_lowrank)
-    grad_eta = torch.zeros_like(eta)
+    epilogue = EpilogueGrads(eta, p_diag, p_lowrank)
 
     for t in reversed(range(steps)):
         x_t = context if t == 0 else iterates[t - 1].to(acc)
@@ -201,13 +199,7 @@ def attention_backward(
         if lam is not None:
             neg_grad = neg_grad + diag_values[t].to(acc)
 
-        # Epilogue backward: x^{t+1} = x^t + eta_t P G^t.
-        grad_eta[t] = (grad_iterate * precondition(neg_grad, p_diag, p_lowrank)).sum()
-        grad_g, g_pd, g_pu = precondition_backward(eta[t] * grad_iterate, neg_grad, p_diag, p_lowrank)
-        if p_diag is not None:
-            grad_p_diag += g_pd
-        if p_lowrank is not None:
-            grad_p_lowrank += g_pu
+        grad_g = epilogue.backward(t, grad_iterate, neg_grad)
 
         state = _StepState(
             x=x_t,
@@ -232,8 +224,8 @@ def attention_backward(
         x=grad_x.to(x.dtype),
         w_q=grad_wq.to(w_q.dtype),
         w_k=grad_wk.to(w_k.dtype),
-        diag=cast(grad_diag, diag.dtype) if diag is not None else None,
-        precond_diag=cast(grad_p_diag, precond_diag.dtype) if precond_diag is not None else None,
-        precond_lowrank=cast(grad_p_lowrank, precond_lowrank.dtype) if precond_lowrank is not None else None,
-        step_size=grad_eta.to(step_size.dtype),
+        diag=cast(grad_diag, x.dtype),
+        precond_diag=cast(epilogue.precond_diag, x.dtype),
+        precond_lowrank=cast(epilogue.precond_lowrank, x.dtype),
+        step_size=epilogue.step_size.to(x.dtype),
     )

@@ -43,7 +43,22 @@ def precondition_backward(
     return grad_g, grad_diag, grad_lowrank
 
 
-def add_optional(total: Tensor | None, term: Tensor | None) -> Tensor | None:
-    if term is None:
-        return total
-    return term if total is None else total + term
+class EpilogueGrads:
+    """Gradients of the update x^{t+1} = x^t + eta_t P G^t, accumulated over the reverse steps:
+    d eta, dp and dU here, dG returned to the caller's core backward."""
+
+    def __init__(self, step_size: Tensor, precond_diag: Tensor | None, precond_lowrank: Tensor | None):
+        self.eta, self.p, self.u = step_size, precond_diag, precond_lowrank
+        self.step_size = torch.zeros_like(step_size)
+        self.precond_diag = None if precond_diag is None else torch.zeros_like(precond_diag)
+        self.precond_lowrank = None if precond_lowrank is None else torch.zeros_like(precond_lowrank)
+
+    def backward(self, t: int, grad_iterate: Tensor, neg_grad: Tensor) -> Tensor:
+        """dG^t given a = d x^{t+1} and G^t."""
+        self.step_size[t] = (grad_iterate * precondition(neg_grad, self.p, self.u)).sum()
+        grad_g, grad_p, grad_u = precondition_backward(self.eta[t] * grad_iterate, neg_grad, self.p, self.u)
+        if grad_p is not None:
+            self.precond_diag += grad_p
+        if grad_u is not None:
+            self.precond_lowrank += grad_u
+        return grad_g

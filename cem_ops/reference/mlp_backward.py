@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from .common import accumulation_dtype, cast, precondition, precondition_backward
+from .common import EpilogueGrads, accumulation_dtype, cast
 from .mlp import activation_derivative, apply_activation
 
 
@@ -49,19 +49,11 @@ def mlp_backward(
     grad_iterate = grad_out.to(acc)
     grad_gate = gate.new_zeros(gate.shape)
     grad_w = w_acc.new_zeros(w_acc.shape)
-    grad_p_diag = None if p_diag is None else p_diag.new_zeros(p_diag.shape)
-    grad_p_lowrank = None if p_lowrank is None else p_lowrank.new_zeros(p_lowrank.shape)
-    grad_eta = eta.new_zeros(eta.shape)
+    epilogue = EpilogueGrads(eta, p_diag, p_lowrank)
 
     for t in reversed(range(step_size.shape[0])):
         x_t = context if t == 0 else iterates[t - 1].to(acc)
-        neg_grad = neg_grads[t].to(acc)
-        grad_eta[t] = (grad_iterate * precondition(neg_grad, p_diag, p_lowrank)).sum()
-        grad_g, g_pd, g_pu = precondition_backward(eta[t] * grad_iterate, neg_grad, p_diag, p_lowrank)
-        if p_diag is not None:
-            grad_p_diag += g_pd
-        if p_lowrank is not None:
-            grad_p_lowrank += g_pu
+        grad_g = epilogue.backward(t, grad_iterate, neg_grads[t].to(acc))
 
         z = x_t @ w_acc.transpose(0, 1)
         f = apply_activation(z, activation_name)
@@ -79,7 +71,7 @@ def mlp_backward(
         x=grad_x.to(x.dtype),
         w=grad_w.to(w.dtype),
         v=grad_v.to(v.dtype),
-        precond_diag=cast(grad_p_diag, precond_diag.dtype) if precond_diag is not None else None,
-        precond_lowrank=cast(grad_p_lowrank, precond_lowrank.dtype) if precond_lowrank is not None else None,
-        step_size=grad_eta.to(step_size.dtype),
+        precond_diag=cast(epilogue.precond_diag, x.dtype),
+        precond_lowrank=cast(epilogue.precond_lowrank, x.dtype),
+        step_size=epilogue.step_size.to(x.dtype),
     )
