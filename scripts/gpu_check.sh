@@ -3,8 +3,8 @@
 # no network. Stages (each fits in 10 minutes on one H100; run them one per command):
 #
 #   scripts/gpu_check.sh env        GPU identity (nvidia-ml-py / nvidia-smi), toolchain versions
-#   scripts/gpu_check.sh build      pip install --no-build-isolation -e .  (sm_90a only unless
-#                                   TORCH_CUDA_ARCH_LIST is set), import check
+#   scripts/gpu_check.sh build      pip install --no-build-isolation -e . for this GPU's arch only
+#                                   (unless TORCH_CUDA_ARCH_LIST is set), import check
 #   scripts/gpu_check.sh test       tests/test_cuda_attention.py (then the whole suite)
 #   scripts/gpu_check.sh sanitize   compute-sanitizer memcheck, racecheck, synccheck on small shapes
 #   scripts/gpu_check.sh bench      benchmarks/bench_cuda_attention.py (--quick unless BENCH_FULL=1)
@@ -74,11 +74,18 @@ stage_build() {
   done
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
   export CEM_OPS_CUDA=1
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
+  # Only this GPU's architecture (sm_90a on Hopper, sm_80 code for any Ampere) unless told.
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    TORCH_CUDA_ARCH_LIST=$(python -c "import torch; m, n = torch.cuda.get_device_capability(); print('9.0a' if (m, n) == (9, 0) else '8.0' if m == 8 else f'{m}.{n}')")
+  fi
+  export TORCH_CUDA_ARCH_LIST
   export CEM_OPS_PTXAS_VERBOSE=${CEM_OPS_PTXAS_VERBOSE:-1}
   local start=$SECONDS
-  run_logged build pip install --no-build-isolation --no-deps -v -e . || return 1
-  echo "== build: $((SECONDS - start)) s" | tee -a "$LOGDIR/build.log"
+  if ! run_logged build pip install --no-build-isolation --no-deps -v -e .; then
+    echo "== build: pip install -e failed; building in place instead" | tee -a "$LOGDIR/build.log"
+    run_logged build python setup.py build_ext --inplace || return 1
+  fi
+  echo "== build: $((SECONDS - start)) s for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST" | tee -a "$LOGDIR/build.log"
   run_logged build python -c "import cem_ops, pprint; pprint.pprint(cem_ops.build_info())"
 }
 
