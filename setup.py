@@ -5,6 +5,9 @@ Environment:
   TORCH_CUDA_ARCH_LIST    e.g. "8.0;9.0a" (the default) or "9.0a"; "+PTX" adds PTX for that arch
   CUDA_HOME               CUDA toolkit root (default: /usr/local/cuda, else nvcc on PATH)
   MAX_JOBS                parallel compile jobs (default: bounded by cores and free memory)
+  CEM_OPS_CUDA_DTYPES     e.g. "bf16" or "fp32;fp16;bf16" (default): dtypes of the CUDA attention kernels
+  CEM_OPS_CUDA_HEAD_DIMS  e.g. "128" or "64;128" (default): head-dim buckets of the CUDA attention kernels
+  CEM_OPS_PTXAS_VERBOSE   1 prints ptxas register and spill reports for the CUDA kernels
 """
 
 from __future__ import annotations
@@ -103,6 +106,10 @@ class CMakeBuild(build_ext):
         if with_cuda:
             arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCH_LIST
             args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCEM_OPS_CUDA_ARCHS={cmake_cuda_architectures(arch_list)}"]
+            # Optional narrowing of the generated kernel instantiations, and ptxas reports.
+            for name in ("CEM_OPS_CUDA_DTYPES", "CEM_OPS_CUDA_HEAD_DIMS"):
+                args.append(f"-D{name}={os.environ.get(name, '')}")
+            args.append(f"-DCEM_OPS_PTXAS_VERBOSE={'ON' if os.environ.get('CEM_OPS_PTXAS_VERBOSE') == '1' else 'OFF'}")
         if shutil.which("ccache"):
             args += ["-DCMAKE_CXX_COMPILER_LAUNCHER=ccache", "-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
         print(f"cem_ops: building with CUDA {'on' if with_cuda else 'off'}, {parallel_jobs()} jobs", flush=True)

@@ -3,6 +3,12 @@
 // that cem_ops can refuse a stale or mismatched binary with a clear message.
 #include <Python.h>
 
+#include <string>
+
+#ifdef CEM_OPS_WITH_CUDA
+#include "cuda/kernel_registry.h"
+#endif
+
 #ifndef CEM_OPS_SOURCE_HASH
 #define CEM_OPS_SOURCE_HASH "unknown"
 #endif
@@ -21,12 +27,17 @@ extern "C" PyObject* PyInit__C(void) {
   }
 #ifdef CEM_OPS_WITH_CUDA
   const int with_cuda = 1;
+  // "bf16:64,128 fp16:64,128 fp32:64,128": the compiled attention kernels (dtype: head-dim
+  // buckets). The CUDA tests read it to know which configurations run a kernel.
+  const std::string cuda_attention_kernels = cem::cuda::describe_attention_kernels();
 #else
   const int with_cuda = 0;
+  const std::string cuda_attention_kernels;
 #endif
   if (PyModule_AddStringConstant(module, "source_hash", CEM_OPS_SOURCE_HASH) < 0 ||
       PyModule_AddStringConstant(module, "torch_version", CEM_OPS_TORCH_VERSION) < 0 ||
       PyModule_AddStringConstant(module, "cuda_archs", CEM_OPS_CUDA_ARCHS) < 0 ||
+      PyModule_AddStringConstant(module, "cuda_attention_kernels", cuda_attention_kernels.c_str()) < 0 ||
       PyModule_AddIntConstant(module, "with_cuda", with_cuda) < 0) {
     Py_DECREF(module);
     return nullptr;

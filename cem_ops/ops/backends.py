@@ -42,6 +42,18 @@ def kernel_backends() -> dict[str, dict[str, str]]:
     }
 
 
+def cuda_attention_kernels() -> dict[str, tuple[int, ...]]:
+    """{dtype: head-dim buckets} of the compiled CUDA attention kernels, e.g. {"bf16": (64, 128)};
+    empty for a CPU-only build. Other configurations run the reference on CUDA."""
+    from .. import _C
+
+    table: dict[str, tuple[int, ...]] = {}
+    for entry in getattr(_C, "cuda_attention_kernels", "").split():
+        dtype, _, dims = entry.partition(":")
+        table[dtype] = tuple(int(d) for d in dims.split(",") if d)
+    return table
+
+
 def build_info() -> dict[str, object]:
     """How cem_ops._C was built and which backends run each op."""
     from .. import _C
@@ -51,5 +63,6 @@ def build_info() -> dict[str, object]:
         "source_hash": _C.source_hash,
         "with_cuda": bool(_C.with_cuda),
         "cuda_archs": _C.cuda_archs,
+        "cuda_attention_kernels": cuda_attention_kernels(),
         "kernels": kernel_backends(),
     }

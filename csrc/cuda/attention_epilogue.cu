@@ -1,0 +1,67 @@
+// The per-row update after each forward step (docs/backward.md, precision rule):
+//   PG = p * G + U (U^T G),  Delta += eta_t PG,  x^{t+1} = round(x^0 + Delta),  out = round(Delta).
+// G and Z = U^T G come from cuBLAS in float32; this kernel fuses everything elementwise so Delta
+// is read and written once per step.
+#include <cuda_runtime.h>
+
+#include "attention_params.h"
+#include "kernel_registry.h"
+#include "tile_ops.cuh"
+
+namespace cem::cuda {
+namespace {
+
+constexpr int kEpilogueThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kEpilogueThreads) attention_epilogue_kernel(const CemEpilogueParams p) {
+  const int64_t row = blockIdx.x;
+  const float eta = to_float(static_cast<const T*>(p.step_size)[p.step]);
+  const float* g = p.g + row * p.dim;
+  const float* z = p.z != nullptr ? p.z + row * p.rank : nullptr;
+  const T* p_diag = static_cast<const T*>(p.p_diag);
+  const T* x0 = static_cast<const T*>(p.x0) + row * p.dim;
+  T* x_next = p.x_next != nullptr ? static_cast<T*>(p.x_next) + row * p.dim : nullptr;
+  T* out = p.out != nullptr ? static_cast<T*>(p.out) + row * p.dim : nullptr;
+  float* delta = p.delta + row * p.dim;
+  for (int64_t d = threadIdx.x; d < p.dim; d += kEpilogueThreads) {
+    float pg = p_diag != nullptr ? g[d] * to_float(p_diag[d]) : g[d];
+    if (z != nullptr) {
+      float low_rank = 0.f;
+      for (int64_t r = 0; r < p.rank; ++r) {
+        low_rank = fmaf(p.u_t[r * p.dim + d], z[r], low_rank);
+      }
+      pg += low_rank;
+    }
+    const float updated = delta[d] + eta * pg;
+    delta[d] = updated;
+    if (x_next != nullptr) {
+      x_next[d] = from_float<T>(to_float(x0[d]) + updated);
+    }
+    if (out != nullptr) {
+      out[d] = from_float<T>(updated);
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch(const CemEpilogueParams& p, cudaStream_t stream) {
+  if (p.rows == 0) {
+    return cudaSuccess;
+  }
+  attention_epilogue_kernel<T><<<static_cast<unsigned int>(p.rows), kEpilogueThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_attention_epilogue(CemDType dtype, const CemEpilogueParams& params, cudaStream_t stream) {
+  switch (dtype) {
+    case CemDType::kFloat32: return launch<float>(params, stream);
+    case CemDType::kFloat16: return launch<__half>(params, stream);
+    case CemDType::kBFloat16: return launch<__nv_bfloat16>(params, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cem::cuda
