@@ -17,7 +17,7 @@ import harness  # noqa: E402
 def pytest_addoption(parser):
     parser.addoption("--bench-device", default="auto", choices=("auto", "cpu", "cuda"),
                      help="device whose grid runs (auto: cuda when available)")
-    parser.addoption("--bench-quick", action="store_true", help="smallest sequence length of the grid only")
+    parser.addoption("--bench-quick", action="store_true", help="a small slice of the grid (see harness.py)")
 
 
 def bench_device(config) -> str:
@@ -28,12 +28,13 @@ def bench_device(config) -> str:
 
 
 def pytest_generate_tests(metafunc):
+    if "ceiling_device" in metafunc.fixturenames:
+        metafunc.parametrize("ceiling_device", [bench_device(metafunc.config)])
     if "bench_config" not in metafunc.fixturenames:
         return
     device = bench_device(metafunc.config)
-    grid = harness.cuda_grid() if device == "cuda" else harness.cpu_grid()
-    if metafunc.config.getoption("--bench-quick"):
-        grid = [c for c in grid if c.seq == min(g.seq for g in grid)]
+    quick = metafunc.config.getoption("--bench-quick")
+    grid = harness.cuda_grid(quick) if device == "cuda" else harness.cpu_grid(quick)
     impls = harness.IMPLEMENTATIONS if device == "cuda" else ("reference", "ours")
     metafunc.parametrize("bench_config", grid, ids=lambda c: c.label)
     metafunc.parametrize("impl", impls)

@@ -4,7 +4,7 @@ implementations compared side by side, FLOP and byte counts, and the machine's i
 Implementations of one CEM attention call (cem-math.md section 2):
   reference  cem_ops.reference.attention: dense PyTorch, O(N^2) memory, autograd backward
   stock      the best composition of stock PyTorch a user would write: SDPA per step (for a
-             diagonal, SDPA on augmented heads [q, lambda*x] . [k, c] of width Dh + D), compiled
+             diagonal, SDPA on augmented heads [q, lambda*x] . [k, c] of width Dh + D), eager
   ours       cem_ops.attention: the compiled kernels of the device (or the reference fallback)
   llama      a Llama attention layer at the same B, N, D, H (untied Q, K, V, O, RoPE, SDPA
              causal): the cost yardstick, independent of T and the diagonal
@@ -82,11 +82,13 @@ class Config:
         return 4.0 * self.batch * self.heads * self.seq * self.seq * 4 * self.steps
 
 
-def cuda_grid() -> list[Config]:
-    """Issue-3 grid: bf16, ALiBi, B * N = 32k tokens."""
+def cuda_grid(quick: bool = False) -> list[Config]:
+    """bf16, ALiBi, B * N = 32k tokens; quick: the target model (D 1024, H 8, Dh 128) at 2k and 8k."""
     grid = []
-    for seq in (1024, 2048, 4096, 8192, 16384):
-        for dim, heads, head_dim in ((768, 12, 64), (1024, 8, 128), (2048, 16, 128)):
+    seqs = (2048, 8192) if quick else (1024, 2048, 4096, 8192, 16384)
+    models = ((1024, 8, 128),) if quick else ((768, 12, 64), (1024, 8, 128), (2048, 16, 128))
+    for seq in seqs:
+        for dim, heads, head_dim in models:
             for steps in (1, 2):
                 for diag in ("none", "shared"):
                     grid.append(Config(max(1, 32768 // seq), seq, dim, heads, head_dim, steps, diag, True,
@@ -94,10 +96,11 @@ def cuda_grid() -> list[Config]:
     return grid
 
 
-def cpu_grid() -> list[Config]:
-    """Issue-4 grid: float32, B = 1, D = 256, H = 4."""
+def cpu_grid(quick: bool = False) -> list[Config]:
+    """float32, B = 1, D = 256, H = 4; quick: N = 512 only."""
+    seqs = (512,) if quick else (512, 2048, 8192)
     return [Config(1, seq, 256, 4, 64, steps, diag, True, torch.float32, "cpu")
-            for seq in (512, 2048, 8192) for steps in (1, 2) for diag in ("none", "shared")]
+            for seq in seqs for steps in (1, 2) for diag in ("none", "shared")]
 
 
 def synchronize(device: str) -> None:
@@ -142,9 +145,6 @@ def stock_attention(x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowra
     return delta.to(x.dtype)
 
 
-_COMPILED_STOCK: dict[str, Callable] = {}
-
-
 def make_call(impl: str, config: Config, mode: str, generator: torch.Generator) -> Callable[[], None]:
     """A closure running one call (and its backward in forward_backward mode), synchronized."""
     grad = mode == "forward_backward"
@@ -164,7 +164,7 @@ def make_call(impl: str, config: Config, mode: str, generator: torch.Generator) 
         if impl == "reference":
             fn_impl = cem_ops.reference.attention
         elif impl == "stock":
-            fn_impl = _COMPILED_STOCK.setdefault(config.device, torch.compile(stock_attention, dynamic=False))
+            fn_impl = stock_attention
         else:
             fn_impl = torch.ops.cem.attention
 

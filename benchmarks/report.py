@@ -17,6 +17,8 @@ def load(path: Path) -> tuple[dict, list[dict]]:
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
         median = bench["stats"]["median"]
+        if not info:
+            continue
         rows.append({
             **info,
             "median_ms": median * 1e3,
@@ -30,6 +32,13 @@ def load(path: Path) -> tuple[dict, list[dict]]:
 
 def yardstick_key(row: dict) -> tuple:
     return (row["mode"], row["model"], row["seq"])
+
+
+def ceilings(rows: list[dict]) -> str:
+    lines = ["| ceiling | median ms | TFLOP/s | GB/s |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['what']} | {r['median_ms']:.3f} | {r['tflops']:.4g} | {r['gbps']:.4g} |")
+    return "\n".join(lines) + "\n\n"
 
 
 def table(rows: list[dict]) -> str:
@@ -80,6 +89,8 @@ def plot(rows: list[dict], path: Path) -> bool:
         print("matplotlib is not installed: no plot written")
         return False
     panels = sorted({(r["mode"], r["model"]) for r in rows})
+    if not panels:
+        return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (mode, model) in zip(axes[0], panels):
         series = defaultdict(list)
@@ -104,7 +115,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", type=Path)
     args = parser.parse_args()
-    machine, rows = load(args.json)
+    machine, all_rows = load(args.json)
+    rows = [r for r in all_rows if r.get("kind") != "ceiling"]
+    ceiling_rows = [r for r in all_rows if r.get("kind") == "ceiling"]
     identity = machine.get("cem_ops", {})
     header = [f"# CEM attention benchmark: {args.json.stem}", "",
               f"Machine: `{json.dumps(identity.get('gpu') or identity.get('cpu'))}`", "",
@@ -113,7 +126,7 @@ def main() -> None:
               "FLOP convention: see benchmarks/harness.py (useful FLOPs, causal half, diagonal terms included; "
               "forward+backward = 3x forward).", ""]
     md = args.json.with_suffix(".md")
-    md.write_text("\n".join(header) + table(rows) + "\n")
+    md.write_text("\n".join(header) + (ceilings(ceiling_rows) if ceiling_rows else "") + table(rows) + "\n")
     print(md.read_text())
     if plot(rows, args.json.with_suffix(".png")):
         print(f"wrote {args.json.with_suffix('.png')}")

@@ -7,7 +7,8 @@
 #                                   (unless TORCH_CUDA_ARCH_LIST is set), import check
 #   scripts/gpu_check.sh test       tests/test_cuda_attention.py (then the whole suite)
 #   scripts/gpu_check.sh sanitize   compute-sanitizer memcheck, racecheck, synccheck on small shapes
-#   scripts/gpu_check.sh bench      benchmarks/bench_cuda_attention.py (--quick unless BENCH_FULL=1)
+#   scripts/gpu_check.sh bench      ceilings + attention speed grid (quick slice unless BENCH_FULL=1),
+#                                   JSON, Markdown and PNG under benchmarks/results/
 #   scripts/gpu_check.sh all        everything above, in order
 #
 # Logs go to benchmarks/results/gpu_check/<stage>.log (and are copied to $OUT when it is set).
@@ -111,11 +112,15 @@ stage_sanitize() {
 
 stage_bench() {
   : > "$LOGDIR/bench.log"
-  if [ -f benchmarks/bench_cuda_attention.py ]; then
-    run_logged bench python benchmarks/bench_cuda_attention.py ${BENCH_FULL:+--reps 30} $([ -n "${BENCH_FULL:-}" ] || echo --quick)
-  else
-    echo "no benchmarks yet" | tee -a "$LOGDIR/bench.log"
-  fi
+  local name="cuda-$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")"
+  local json="benchmarks/results/$name.json"
+  # The quick slice (target model at 2k and 8k) fits one command; BENCH_FULL=1 runs the whole grid.
+  run_logged bench python -m pytest -q benchmarks/test_ceilings.py benchmarks/test_attention_speed.py \
+    --bench-device cuda $([ -n "${BENCH_FULL:-}" ] || echo --bench-quick) --benchmark-json "$json" || return 1
+  run_logged bench python benchmarks/report.py "$json"
+  cp "$json" "${json%.json}.md" "$LOGDIR/" 2>/dev/null
+  [ -f "${json%.json}.png" ] && cp "${json%.json}.png" "$LOGDIR/"
+  return 0
 }
 
 status=0
