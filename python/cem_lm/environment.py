@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+import cem_ops
+
 
 def cpu_model() -> str:
     try:
@@ -50,6 +52,7 @@ def environment(repo: Path, device: torch.device) -> dict:
         "git": git_revision(repo),
         "load_average_at_start": load_average(),
     }
+    info["cem_ops_backends"] = cem_ops.kernel_backends()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda

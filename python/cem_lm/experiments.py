@@ -20,7 +20,7 @@ import torch
 from .config import PRESETS, with_overrides
 from .data import load_corpus
 from .environment import environment, load_average
-from .report import write_report
+from .report import rewrite_report, write_report
 from .trainer import resolve_device, train_run
 from .variants import VARIANTS, VARIANTS_BY_NAME
 
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="override the preset's steps (all variants alike)")
     p.add_argument("--lr", type=float, help="override the preset's learning rate (all variants alike)")
     p.add_argument("--force", action="store_true", help="retrain runs that already have results")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite table.md and plots from RESULTS_DIR/results.json without training")
     return p
 
 
@@ -80,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = args.results_dir or REPO_ROOT / "benchmarks" / "results" / f"experiments-{args.preset}-{device.type}"
     runs_dir = args.runs_dir or REPO_ROOT / "runs" / f"experiments-{args.preset}"
     variants = [VARIANTS_BY_NAME[n] for n in args.variants] if args.variants else VARIANTS
+    if args.report_only:
+        if not (results_dir / "results.json").is_file():
+            parser.error(f"--report-only: no results.json in {results_dir}")
+        rewrite_report(results_dir, variants)
+        print(f"report: {results_dir}", file=sys.stderr)
+        return 0
     train_overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
 
     env = environment(REPO_ROOT, device)

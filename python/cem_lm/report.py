@@ -7,7 +7,6 @@ import json
 import statistics
 from pathlib import Path
 
-from .data import manifest_summary
 from .plots import plot_test_bpb, plot_val_curves
 from .variants import Variant
 
@@ -80,6 +79,17 @@ def markdown_table(summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def backends_text(env: dict) -> str:
+    """e.g. "reference" or "attention_fwd cuda, ..." for the device the grid ran on."""
+    key = "CUDA" if env["device"].startswith("cuda") else "CPU"
+    chosen = {op: devices.get(key, "?") for op, devices in env.get("cem_ops_backends", {}).items()}
+    if not chosen:
+        return "unknown"
+    if len(set(chosen.values())) == 1:
+        return f"{next(iter(chosen.values()))} for every op"
+    return ", ".join(f"{op} {backend}" for op, backend in chosen.items())
+
+
 def environment_text(env: dict, preset: str, records: list[dict]) -> str:
     first = records[0]
     mc, tc = first["model_config"], first["train_config"]
@@ -91,7 +101,7 @@ def environment_text(env: dict, preset: str, records: list[dict]) -> str:
         + (f" ({env['gpu']}, CUDA {env['cuda']})" if "gpu" in env else "")
         + f"; load average at start {env['load_average_at_start']}, at end {env['load_average_at_end']}.",
         f"- Software: torch {env['torch']}, Python {env['python']}; source {git['sha']}"
-        + (" (with uncommitted changes)" if git["dirty"] else "") + ".",
+        + (" (with uncommitted changes)" if git["dirty"] else "") + f"; cem_ops kernels: {backends_text(env)}.",
         f"- Preset `{preset}`: D={mc['dim']}, L={mc['layers']}, H={mc['heads']}, N={mc['seq_len']}; "
         f"{tc['steps']} steps x batch {tc['batch_size']} x {mc['seq_len']} = {first['tokens_trained']:,} training "
         f"tokens per run (every variant alike); AdamW lr {tc['lr']} (warmup {tc['warmup_steps']}, cosine to "
@@ -106,15 +116,43 @@ def environment_text(env: dict, preset: str, records: list[dict]) -> str:
     ]) + "\n"
 
 
+CAVEATS = """\
+## What runs like these can and cannot show
+
+- They are small next to the paper's (86M-256M parameters on SlimPajama): here {params} parameters
+  see {tokens} bytes of Python source per run, {steps} steps. A difference here says which variant
+  learns faster over these steps at this size, not which is better at scale or at convergence;
+  the paper's findings are neither confirmed nor refuted by it.
+- The embedding and head are a large share of the parameters at small D, so "total params" moves
+  less than the attention or MLP column.
+- One learning rate for every variant, not tuned per variant (the paper reports that full CEM
+  models may prefer higher learning rates).
+- With {seeds} seeds, a mean difference smaller than about two standard deviations (of the paired Δ)
+  is not evidence either way.
+- The corpus is Python source code, not web text.
+- Tokens/s compares the cem_ops implementation of this build (see `cem_ops.kernel_backends()`;
+  the reference PyTorch path when no fused kernel is compiled) with PyTorch's SDPA and linear
+  layers for Llama, on whatever else the machine was running; it says nothing about fused kernels.
+"""
+
+
+def params_range(summary: dict[str, dict]) -> str:
+    totals = [e["params"]["total"] for e in summary.values()]
+    return f"{min(totals):,}-{max(totals):,}" if min(totals) != max(totals) else f"{totals[0]:,}"
+
+
 def write_report(results_dir: Path, preset: str, variants: list[Variant], records: list[dict], env: dict,
-                 manifest: dict):
+                 manifest: dict | None):
+    """Writes results.json (every run; data without file lists), table.md and plots; with a manifest,
+    also data_manifest.json (the file lists)."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(variants, records)
-    (results_dir / "data_manifest.json").write_text(json.dumps(manifest, indent=1))
-    runs = [{k: r[k] for k in ("variant", "seed", "test_bpb", "final_val_bpb", "tokens_per_second", "train_seconds",
-                               "params", "model_config", "train_config", "precision", "history")} for r in records]
-    data = {"preset": preset, "environment": env, "data": manifest_summary(manifest), "summary": summary, "runs": runs}
+    data_summary = records[0]["data"]
+    if manifest is not None:
+        (results_dir / "data_manifest.json").write_text(json.dumps(manifest, indent=1))
+    runs = [{k: v for k, v in r.items() if k != "data"} for r in records]
+    data = {"preset": preset, "environment": env, "data": data_summary, "summary": summary, "runs": runs}
     (results_dir / "results.json").write_text(json.dumps(data, indent=1))
 
     title = f"preset {preset}, {env['device']}"
@@ -123,7 +161,6 @@ def write_report(results_dir: Path, preset: str, variants: list[Variant], record
     rows = [(name, *e["test_bpb_mean_std"]) for name, e in summary.items()]
     plot_test_bpb(rows, results_dir / "test_bpb.png", f"Test bits per byte ({title})")
 
-    table = markdown_table(summary)
     text = [
         f"# CEM vs Llama comparison grid, preset `{preset}`",
         "",
@@ -135,13 +172,24 @@ def write_report(results_dir: Path, preset: str, variants: list[Variant], record
         "## Results",
         "",
         "Lower bits per byte (bpb) is better. Δ is the difference to the named variant, computed per seed "
-        "(same seed = same batches) and then averaged. Params exclude nothing: at this size the byte embedding and "
-        "head are a large share of the total.",
+        "(the same seed gives every variant the same batches) and then averaged. Total params include the byte "
+        "embedding and the head.",
         "",
-        table,
+        markdown_table(summary),
         "",
         "Plots: `val_curves.png` (validation bpb during training), `test_bpb.png` (final test bpb).",
         "",
+        CAVEATS.format(params=params_range(summary), tokens=f"{records[0]['tokens_trained']:,}",
+                       steps=records[0]["step"], seeds=len({r["seed"] for r in records})),
     ]
     (results_dir / "table.md").write_text("\n".join(text))
     return summary
+
+
+def rewrite_report(results_dir: Path, variants: list[Variant]):
+    """Rebuild table.md and the plots from an existing results.json (its environment kept as recorded)."""
+    data = json.loads((Path(results_dir) / "results.json").read_text())
+    records = [{**r, "data": data["data"]} for r in data["runs"]]
+    names = {r["variant"] for r in records}
+    return write_report(results_dir, data["preset"], [v for v in variants if v.name in names], records,
+                        data["environment"], None)
