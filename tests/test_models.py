@@ -37,6 +37,16 @@ EXTRA_CONFIGS = {
 ALL_CONFIGS = {v.name: v.overrides for v in VARIANTS} | EXTRA_CONFIGS
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """These models are tiny: one thread is fastest, and two threads on a busy two-core machine run
+    100 times slower (each op waits for the descheduled thread). Restored after this module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def corpus():
     return load_corpus()
@@ -162,5 +172,16 @@ def test_cli_rejects_bad_choices():
         parser.parse_args(["--out", "x", "--attn-steps", "3"])
     with pytest.raises(ValueError, match="rope"):
         configs_from_args(parser.parse_args(["--out", "x", "--attention", "cem", "--position", "rope"]))
-    model_cfg, train_cfg = configs_from_args(parser.parse_args(["--out", "x", "--variant", "full_cem_t2", "--steps", "7"]))
+    args = parser.parse_args(["--out", "x", "--variant", "full_cem_t2", "--steps", "7"])
+    model_cfg, train_cfg = configs_from_args(args)
     assert (model_cfg.attention, model_cfg.mlp, model_cfg.attn_steps, train_cfg.steps) == ("cem", "cem", 2, 7)
+
+
+def test_plots_are_skipped_without_matplotlib(monkeypatch, tmp_path, capsys):
+    from cem_lm.plots import plot_run
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    history = {"train_step": [1], "train_bpb": [8.0], "val_step": [1], "val_bpb": [8.0]}
+    assert plot_run(history, tmp_path / "a.png", "t") is False
+    assert "skipping plots" in capsys.readouterr().err
+    assert not (tmp_path / "a.png").exists()

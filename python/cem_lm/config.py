@@ -36,6 +36,7 @@ class ModelConfig:
     mlp_steps: int = 1
     precond: str = "none"
     precond_rank: int = 4
+    step_size_init: float = 1.0  # initial eta of every CEM step: with 1, T = 2 starts near twice T = 1's update
     position: str | None = None
     reuse: str = "none"
     reuse_times: int = 2

@@ -10,14 +10,13 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 
-from .config import PRESETS, with_overrides
+from .config import PRESETS, ModelConfig, TrainConfig, config_from_dict, with_overrides
 from .data import load_corpus
 from .environment import environment, load_average
 from .report import rewrite_report, write_report
@@ -43,8 +42,10 @@ def run_one(preset: str, variant_name: str, seed: int, train_overrides: dict, ru
     done = out / "results.json"
     if done.is_file() and not force:
         previous = json.loads(done.read_text())
-        same_train = previous["train_config"] == json.loads(json.dumps(asdict(train_cfg)))
-        if previous.get("finished") and same_train and previous["model_config"] == asdict(model_cfg):
+        # Compared as configs, so that fields added later with defaults still match older runs.
+        same = (config_from_dict(ModelConfig, previous["model_config"]) == model_cfg
+                and config_from_dict(TrainConfig, previous["train_config"]) == train_cfg)
+        if previous.get("finished") and same:
             return previous
     resume = (out / "checkpoint.pt").is_file() and not force
     return train_run(model_cfg, train_cfg, out, device=device, resume=resume, corpus=_corpus, label=label,
@@ -60,8 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", type=Path, help="per-run outputs and checkpoints (default: runs/experiments-PRESET)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
-    p.add_argument("--threads", type=int, help="torch threads per run (default: torch's choice with --jobs 1, "
-                   "else cores // jobs)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: 1 on CPU, torch's choice on GPU)")
     p.add_argument("--steps", type=int, help="override the preset's steps (all variants alike)")
     p.add_argument("--lr", type=float, help="override the preset's learning rate (all variants alike)")
     p.add_argument("--force", action="store_true", help="retrain runs that already have results")
@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     if device.type == "cuda" and args.jobs > 1:
         parser.error("--jobs > 1 is for CPU runs; on a GPU, runs share one device better one at a time")
-    threads = args.threads or (max(1, (torch.get_num_threads()) // args.jobs) if args.jobs > 1 else None)
+    # On CPU one thread per run by default: these models are too small to gain from a second thread, and
+    # two threads on a busy machine run many times slower (every op waits for the descheduled one).
+    threads = args.threads or (1 if device.type == "cpu" else None)
     results_dir = args.results_dir or REPO_ROOT / "benchmarks" / "results" / f"experiments-{args.preset}-{device.type}"
     runs_dir = args.runs_dir or REPO_ROOT / "runs" / f"experiments-{args.preset}"
     variants = [VARIANTS_BY_NAME[n] for n in args.variants] if args.variants else VARIANTS
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         records.append({"variant": name, "seed": seed, **res})
         elapsed = time.time() - started
         print(f"[{len(records)}/{len(plan)}] {name} seed {seed}: test bpb {res['test_bpb']:.4f}, "
-              f"{res['tokens_per_second']:,.0f} tok/s, {res['train_seconds']:.0f}s train; {elapsed / 60:.1f} min so far",
+              f"{res['tokens_per_second']:,.0f} tok/s, {res['train_seconds']:.0f}s train; "
+              f"{elapsed / 60:.1f} min so far",
               file=sys.stderr, flush=True)
 
     def job(i: int, name: str, seed: int, progress: bool):

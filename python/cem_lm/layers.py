@@ -22,13 +22,15 @@ def make_attention(cfg: ModelConfig) -> nn.Module:
         alibi=cfg.resolved_position == "alibi",
         precond=cfg.precond,
         precond_rank=cfg.precond_rank,
+        step_size_init=cfg.step_size_init,
     )
 
 
 def make_mlp(cfg: ModelConfig) -> nn.Module:
     if cfg.mlp == "llama":
         return SwiGLU(cfg.dim, cfg.swiglu_hidden)
-    return CEMMLP(cfg.dim, cfg.mlp_hidden, steps=cfg.mlp_steps, precond=cfg.precond, precond_rank=cfg.precond_rank)
+    return CEMMLP(cfg.dim, cfg.mlp_hidden, steps=cfg.mlp_steps, precond=cfg.precond, precond_rank=cfg.precond_rank,
+                  step_size_init=cfg.step_size_init)
 
 
 def autocast_input(h: Tensor) -> Tensor:

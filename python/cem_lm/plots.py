@@ -51,7 +51,7 @@ def plot_val_curves(panels: dict[str, dict], path: Path, title: str) -> bool:
             ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=color, alpha=0.12)
             tails += mean[len(mean) // 3 :]
-        if tails:
+        if tails and max(tails) > min(tails):
             low, high = min(tails), max(tails)
             ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
         ax.set(xlabel="step", ylabel="val bits per byte", title=group)

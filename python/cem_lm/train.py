@@ -19,13 +19,13 @@ from .variants import VARIANTS_BY_NAME
 
 # CLI flag -> ModelConfig / TrainConfig field; None-valued flags keep the preset's value.
 MODEL_FLAGS = ("dim", "layers", "heads", "seq_len", "attention", "mlp", "diag", "attn_steps", "mlp_steps",
-               "precond", "precond_rank", "position", "reuse", "reuse_times")
+               "precond", "precond_rank", "step_size_init", "position", "reuse", "reuse_times")
 TRAIN_FLAGS = ("steps", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "eval_every",
                "eval_batches", "test_tokens", "checkpoint_every", "seed", "precision")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="sizes and schedule (default: tiny)")
     p.add_argument("--variant", choices=sorted(VARIANTS_BY_NAME), help="a named variant of the experiment grid")
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, results.json, loss.png)")
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mlp-steps", type=int, choices=STEPS, help="CEM MLP steps T")
     m.add_argument("--precond", choices=PRECONDS, help="preconditioner of the CEM updates")
     m.add_argument("--precond-rank", type=int)
+    m.add_argument("--step-size-init", type=float, help="initial step size of every CEM step (default 1)")
     m.add_argument("--position", choices=POSITIONS, help="default: rope for llama attention, alibi for cem")
     m.add_argument("--reuse", choices=REUSES, help="naive reuse: apply this sublayer (or block) again")
     m.add_argument("--reuse-times", type=int)
