@@ -1,0 +1,166 @@
+"""One training run: AdamW, warmup + cosine LR, grad clipping, periodic val loss, checkpoints
+with exact resume, final test bits per byte, and a results JSON (plus a loss plot)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from .config import ModelConfig, TrainConfig, config_from_dict
+from .data import Corpus, eval_windows, load_corpus, manifest_summary, sample_batch
+from .evaluate import autocast_context, bits_per_byte, mean_loss, next_byte_loss
+from .model import LanguageModel, parameter_counts
+from .optim import make_optimizer
+from .plots import plot_run
+from .progress import Progress
+from .schedule import learning_rate
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    return precision
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def empty_history() -> dict:
+    return {"train_step": [], "train_bpb": [], "val_step": [], "val_bpb": [], "lr": []}
+
+
+def train_run(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    out_dir: Path,
+    *,
+    device: str = "auto",
+    resume: bool = False,
+    stop_at: int | None = None,
+    corpus: Corpus | None = None,
+    label: str = "",
+    show_progress: bool = True,
+    plot: bool = True,
+) -> dict:
+    """Train (or resume) in out_dir; returns the results dict also written to results.json.
+
+    stop_at ends the session after that step with a checkpoint (a resumed run continues to
+    train_cfg.steps as if never stopped); the results then carry "finished": False and no test score.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    checkpoint = load_checkpoint(ckpt_path) if resume else None
+    if checkpoint is not None:
+        # The run's own configuration wins: a resumed run must be the same run.
+        model_cfg = config_from_dict(ModelConfig, checkpoint["model_config"])
+        train_cfg = config_from_dict(TrainConfig, checkpoint["train_config"])
+
+    dev = resolve_device(device)
+    precision = resolve_precision(train_cfg.precision, dev)
+    corpus = corpus if corpus is not None else load_corpus()
+    torch.manual_seed(train_cfg.seed)
+    random.seed(train_cfg.seed)
+    sampler = torch.Generator().manual_seed(train_cfg.seed)
+    model = LanguageModel(model_cfg).to(dev)
+    optimizer = make_optimizer(model, train_cfg.lr, train_cfg.weight_decay, train_cfg.betas)
+    val_windows = eval_windows(corpus.tokens["val"], model_cfg.seq_len, train_cfg.eval_batches * train_cfg.batch_size)
+
+    step, history, train_seconds = 0, empty_history(), 0.0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng(checkpoint["rng"], sampler)
+        step, history, train_seconds = checkpoint["step"], checkpoint["history"], checkpoint["train_seconds"]
+
+    def checkpoint_now():
+        save_checkpoint(
+            ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, history=history,
+            train_seconds=train_seconds, rng=rng_state(sampler),
+            model_config=asdict(model_cfg), train_config=asdict(train_cfg),
+        )
+
+    last = train_cfg.steps if stop_at is None else min(stop_at, train_cfg.steps)
+    tokens_per_step = train_cfg.batch_size * model_cfg.seq_len
+    progress = Progress(train_cfg.steps, label, enabled=show_progress)
+    model.train()
+    while step < last:
+        lr = learning_rate(step, train_cfg.steps, train_cfg.lr, train_cfg.warmup_steps, train_cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        inputs, targets = sample_batch(corpus.tokens["train"], train_cfg.batch_size, model_cfg.seq_len, sampler)
+        _sync(dev)
+        started = time.perf_counter()
+        with autocast_context(dev, precision):
+            loss = next_byte_loss(model, inputs.to(dev), targets.to(dev))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        optimizer.step()
+        loss_value = loss.item()  # also synchronizes
+        train_seconds += time.perf_counter() - started
+        step += 1
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step} ({label or out_dir})")
+        history["train_step"].append(step)
+        history["train_bpb"].append(bits_per_byte(loss_value))
+        history["lr"].append(lr)
+        if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
+            val = mean_loss(model, val_windows, train_cfg.batch_size, dev, precision)
+            history["val_step"].append(step)
+            history["val_bpb"].append(bits_per_byte(val))
+        if step % train_cfg.checkpoint_every == 0 or step == last:
+            checkpoint_now()
+        val_text = f"{history['val_bpb'][-1]:.3f}" if history["val_bpb"] else "-"
+        progress.update(step, bpb=f"{bits_per_byte(loss_value):.3f}", val=val_text, lr=f"{lr:.2e}",
+                        tok_s=f"{step * tokens_per_step / max(train_seconds, 1e-9):,.0f}")
+    progress.close()
+
+    finished = step >= train_cfg.steps
+    results = {
+        "finished": finished,
+        "step": step,
+        "model_config": asdict(model_cfg),
+        "position": model_cfg.resolved_position,
+        "train_config": asdict(train_cfg),
+        "device": str(dev),
+        "precision": precision,
+        "torch_threads": torch.get_num_threads(),
+        "params": parameter_counts(model),
+        "tokens_trained": step * tokens_per_step,
+        "train_seconds": train_seconds,
+        "tokens_per_second": step * tokens_per_step / max(train_seconds, 1e-9),
+        "data": manifest_summary(corpus.manifest),
+        "history": history,
+    }
+    if finished:
+        test_windows = eval_windows(
+            corpus.tokens["test"], model_cfg.seq_len,
+            None if train_cfg.test_tokens is None else train_cfg.test_tokens // model_cfg.seq_len,
+        )
+        test = mean_loss(model, test_windows, train_cfg.batch_size, dev, precision)
+        results.update(test_bpb=bits_per_byte(test), test_tokens=test_windows.shape[0] * model_cfg.seq_len)
+        results["final_val_bpb"] = history["val_bpb"][-1]
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    if plot:
+        plot_run(history, out_dir / "loss.png", label.strip(" :") or out_dir.name)
+    return results
