@@ -19,34 +19,19 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cem_ops  # noqa: E402
+from cem_ops.testing import AttentionCase  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def run_once(dtype: torch.dtype, head_dim: int, diag: str, seq: int) -> None:
-    gen = torch.Generator().manual_seed(0)
-    batch, heads, dim, rank, steps = 1, 2, 40, 2, 2
-
-    def rnd(*shape, std=1.0):
-        return (torch.randn(*shape, generator=gen) * std).to(device="cuda", dtype=dtype)
-
-    x = rnd(batch, seq, dim).requires_grad_()
-    w_q = rnd(heads, head_dim, dim, std=dim**-0.5).requires_grad_()
-    w_k = rnd(heads, head_dim, dim, std=dim**-0.5).requires_grad_()
-    lam = {"none": None, "shared": rnd(dim, std=0.5), "per_head": rnd(heads, dim, std=0.5)}[diag]
-    if lam is not None:
-        lam.requires_grad_()
-    p = (0.5 + torch.rand(dim, generator=gen)).to(device="cuda", dtype=dtype).requires_grad_()
-    u = rnd(dim, rank, std=0.05).requires_grad_()
-    eta = torch.tensor([0.5, 0.4], device="cuda", dtype=dtype).requires_grad_()
-    slopes = torch.tensor([0.5, 0.25], device="cuda", dtype=dtype)
-    out = cem_ops.attention(
-        x, w_q, w_k, diag=lam, alibi_slopes=slopes, precond_diag=p, precond_lowrank=u, step_size=eta
-    )
-    out.backward(torch.randn_like(out))
+    case = AttentionCase(batch=1, seq=seq, dim=40, heads=2, head_dim=head_dim, steps=2, diag=diag, precond_rank=2,
+                         dtype=dtype, device="cuda")
+    inputs = case.make(torch.Generator().manual_seed(0), requires_grad=True)
+    out = torch.ops.cem.attention(*inputs.args())
+    grads = torch.autograd.grad(out, inputs.differentiable(), torch.randn_like(out))
     torch.cuda.synchronize()
-    tensors = [out, x.grad, w_q.grad, w_k.grad, p.grad, u.grad, eta.grad] + ([lam.grad] if lam is not None else [])
-    bad = [i for i, t in enumerate(tensors) if not torch.isfinite(t).all()]
+    bad = [i for i, t in enumerate((out, *grads)) if not torch.isfinite(t).all()]
     if bad:
         raise SystemExit(f"non-finite results {bad} for {dtype} Dh={head_dim} diag={diag} N={seq}")
     print(f"ok {str(dtype):15s} Dh={head_dim:3d} diag={diag:8s} N={seq}", flush=True)

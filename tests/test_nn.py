@@ -105,3 +105,17 @@ def test_recursion_differs_from_applying_the_block_twice(rng):
     x = torch.randn(1, 6, 8, generator=rng)
     reused = one_step(x) + one_step(x + one_step(x))
     assert relative_error(two_steps(x), reused) > 1e-3
+
+
+def test_ops_follow_autocast(rng):
+    """Under torch.autocast the CEM ops run in the autocast dtype, like the matmuls around them."""
+    torch.manual_seed(rng.initial_seed())
+    block = CEMBlock(16, 2, attention_kwargs=dict(steps=2), mlp_kwargs=dict(steps=2))
+    x = torch.randn(2, 7, 16, generator=rng)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attention_out = block.attention(x)
+        mlp_out = block.mlp(x)
+        energy = block.attention.energy(x)
+    assert attention_out.dtype == mlp_out.dtype == energy.dtype == torch.bfloat16
+    assert relative_error(attention_out, block.attention(x)) < 3e-2
+    assert relative_error(mlp_out, block.mlp(x)) < 3e-2

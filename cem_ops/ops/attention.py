@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import reference
 from ..reference.common import accumulation_dtype
-from .backends import register_no_double_backward, register_reference_fallback
+from .backends import register_autocast, register_no_double_backward, register_reference_fallback
 
 
 def attention(
@@ -132,3 +132,5 @@ def _attention_bwd_reference(*args):
 
 register_reference_fallback("attention_fwd", _attention_fwd_reference)
 register_reference_fallback("attention_bwd", _attention_bwd_reference)
+register_autocast("attention")
+register_autocast("attention_energy")

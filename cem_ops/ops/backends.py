@@ -34,6 +34,23 @@ def register_no_double_backward(op: str) -> None:
     torch.library.register_autograd(f"cem::{op}", refuse, setup_context=lambda ctx, inputs, output: None)
 
 
+def register_autocast(op: str) -> None:
+    """Under torch.autocast the op runs in the autocast dtype, as matmul-like ops do: every
+    floating input is cast to it (the ops require one dtype for all their tensors)."""
+
+    def for_device(device_type: str) -> Callable:
+        def kernel(*args):
+            dtype = torch.get_autocast_dtype(device_type)
+            cast = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+            with torch.autocast(device_type, enabled=False):
+                return getattr(torch.ops.cem, op).default(*cast)
+
+        return kernel
+
+    for key, device_type in (("AutocastCPU", "cpu"), ("AutocastCUDA", "cuda")):
+        _fallback_lib.impl(op, for_device(device_type), key)
+
+
 def kernel_backends() -> dict[str, dict[str, str]]:
     """{op: {device: "compiled" | "reference"}} for the ops that do the work."""
     return {

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .backends import register_no_double_backward, register_reference_fallback
+from .backends import register_autocast, register_no_double_backward, register_reference_fallback
 
 
 def mlp(
@@ -95,3 +95,5 @@ def _mlp_bwd_reference(*args):
 
 register_reference_fallback("mlp_fwd", _mlp_fwd_reference)
 register_reference_fallback("mlp_bwd", _mlp_bwd_reference)
+register_autocast("mlp")
+register_autocast("mlp_energy")

@@ -3,7 +3,6 @@ residual wrapper that can apply a sublayer more than once (the naive-reuse contr
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from cem_ops.nn import CEMMLP, CEMAttention, LlamaAttention, SwiGLU
@@ -33,15 +32,6 @@ def make_mlp(cfg: ModelConfig) -> nn.Module:
                   step_size_init=cfg.step_size_init)
 
 
-def autocast_input(h: Tensor) -> Tensor:
-    """Custom ops are not autocast, so hand them the autocast dtype ourselves; otherwise CEM layers
-    would run in float32 while the Llama layers' matmuls run in bf16."""
-    device = h.device.type
-    if torch.is_autocast_enabled(device):
-        return h.to(torch.get_autocast_dtype(device))
-    return h
-
-
 class PreNormResidual(nn.Module):
     """r <- r + layer(norm(r)), ``times`` times with the same weights (each pass re-reads r)."""
 
@@ -53,7 +43,7 @@ class PreNormResidual(nn.Module):
 
     def forward(self, r: Tensor) -> Tensor:
         for _ in range(self.times):
-            r = r + self.layer(autocast_input(self.norm(r))).to(r.dtype)
+            r = r + self.layer(self.norm(r)).to(r.dtype)
         return r
 
 
