@@ -49,7 +49,8 @@ def _compare(kind, op, reference_fn, inputs, rng, record_error, draws=3, check_s
     draws = 1 if dtype == F64 else draws
     ours, plain = None, None
     for _ in range(draws):
-        grad_out = torch.randn(inputs.x.shape, generator=rng, dtype=F64)
+        # The upstream gradient is an input of the backward: round it like the other inputs.
+        grad_out = torch.randn(inputs.x.shape, generator=rng, dtype=F64).to(dtype).to(F64)
         out, got = _gradients(op, _fresh(inputs, dtype), grad_out)
         want, expected = _gradients(reference_fn, _fresh(inputs, F64), grad_out)
         assert out.dtype == dtype and out.shape == inputs.x.shape
