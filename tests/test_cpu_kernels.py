@@ -1,0 +1,533 @@
+"""The compiled CPU kernels (csrc/cpu/) against the float64 reference (cem_ops.reference).
+
+Every test draws fresh random inputs. A kernel is judged by the relative error
+||got - want|| / ||want|| against the reference run in float64 on the same (rounded) inputs.
+Low-precision dtypes are also allowed twice the reference's own error in that dtype: the
+precision rule (iterates and saved state rounded to the input dtype, docs/backward.md) costs
+the reference exactly as much, and ill-conditioned sums such as d(step_size) amplify it.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+
+import cem_ops
+from cem_ops import reference
+from cem_ops.ops.backends import has_compiled_kernel
+
+OPS = torch.ops.cem
+BASE_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+FORWARD_NAMES = ("out", "iterates", "head_outputs", "diag_values", "lse")
+ATTENTION_GRAD_NAMES = ("x", "w_q", "w_k", "diag", "precond_diag", "precond_lowrank", "step_size")
+MLP_FORWARD_NAMES = ("out", "iterates", "neg_grads")
+MLP_GRAD_NAMES = ("x", "w", "v", "precond_diag", "precond_lowrank", "step_size")
+PRECOND = {"none": (False, False), "diag": (True, False), "lowrank": (False, True), "both": (True, True)}
+
+
+@pytest.fixture(autouse=True)
+def _compiled_cpu_kernels():
+    """Without compiled CPU kernels these tests would compare the reference with itself."""
+    missing = [op for op in ("attention_fwd", "attention_bwd", "mlp_fwd", "mlp_bwd") if not has_compiled_kernel(op, "CPU")]
+    assert not missing, f"no compiled CPU kernel for {missing}: build with CEM_OPS_CUDA=0 python setup.py build_ext --inplace"
+    assert all(v["CPU"] == "compiled" for v in cem_ops.build_info()["kernels"].values())
+
+
+@contextmanager
+def env(**values):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def one_thread():
+    """The reference runs many tiny ops; on a busy 2-core machine their thread barriers cost
+    more than the work, so it runs single-threaded. The kernels keep the default threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert got.shape == want.shape, (got.shape, want.shape)
+    got, want = got.detach().double(), want.detach().double()
+    norm = want.norm()
+    return float((got - want).norm() / norm) if norm > 0 else float(got.norm())
+
+
+def check_close(name, got, want, dtype, low_precision_ref=None):
+    """got vs the float64 reference `want`; low_precision_ref is the reference in `dtype`."""
+    if want is None:
+        assert got is None, f"{name}: expected None"
+        return 0.0
+    if want.numel() == 0:
+        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+        return 0.0
+    tol = BASE_TOLERANCE[dtype]
+    if low_precision_ref is not None:
+        tol = max(tol, 2 * rel_err(low_precision_ref, want))
+    err = rel_err(got, want)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.3e} ({dtype})"
+    return err
+
+
+# ---------------------------------------------------------------------------------- attention
+
+
+@dataclass(frozen=True)
+class AttnCase:
+    batch: int = 2
+    seq: int = 67
+    dim: int = 12
+    heads: int = 3
+    head_dim: int = 5
+    rank: int = 3
+    steps: int = 2
+    diag: str = "shared"  # "none", "shared" or "per_head"
+    alibi: bool = True
+    precond: str = "both"
+    scale: float | None = None
+
+
+def attention_inputs(case: AttnCase, dtype: torch.dtype) -> list:
+    """Fresh random inputs in schema order (without scale), all non-zero, rounded to dtype."""
+    f64 = torch.float64
+    b, n, d, h, e = case.batch, case.seq, case.dim, case.heads, case.head_dim
+    x = torch.randn(b, n, d, dtype=f64)
+    w_q = torch.randn(h, e, d, dtype=f64) / d**0.5
+    w_k = torch.randn(h, e, d, dtype=f64) / d**0.5
+    diag = {"none": None, "shared": 0.5 * torch.randn(d, dtype=f64), "per_head": 0.5 * torch.randn(h, d, dtype=f64)}
+    slopes = 0.05 + 0.45 * torch.rand(h, dtype=f64) if case.alibi else None
+    use_p, use_u = PRECOND[case.precond]
+    p = 0.5 + torch.rand(d, dtype=f64) if use_p else None
+    u = 0.3 * torch.randn(d, case.rank, dtype=f64) / d**0.5 if use_u else None
+    eta = 0.3 + 0.7 * torch.rand(case.steps, dtype=f64)
+    args = [x, w_q, w_k, diag[case.diag], slopes, p, u, eta]
+    return [None if a is None else a.to(dtype) for a in args]
+
+
+def as_f64(args):
+    return [None if a is None else a.double() for a in args]
+
+
+def reference_attention(args, scale, grad_out):
+    with one_thread():
+        fwd = reference.attention_forward(*args, scale, True)
+        grads = reference.attention_backward(grad_out, *args, scale, *fwd[1:])
+    return tuple(fwd), tuple(grads)
+
+
+def kernel_attention(args, scale, grad_out):
+    fwd = OPS.attention_fwd(*args, scale, True)
+    grads = OPS.attention_bwd(grad_out, *args, scale, *fwd[1:])
+    return tuple(fwd), tuple(grads)
+
+
+def check_attention(case: AttnCase, dtype: torch.dtype = torch.float64):
+    args = attention_inputs(case, dtype)
+    grad_out = torch.randn(case.batch, case.seq, case.dim, dtype=torch.float64).to(dtype)
+    want_fwd, want_grads = reference_attention(as_f64(args), case.scale, grad_out.double())
+    got_fwd, got_grads = kernel_attention(args, case.scale, grad_out)
+    low_fwd, low_grads = (None, None)
+    if dtype in LOW_PRECISION:
+        low_fwd, low_grads = reference_attention(args, case.scale, grad_out)
+    errors = {}
+    for i, name in enumerate(FORWARD_NAMES):
+        got = got_fwd[i]
+        expected_dtype = torch.float64 if dtype == torch.float64 else (torch.float32 if name == "lse" else dtype)
+        assert got.dtype == expected_dtype and got.is_contiguous(), (name, got.dtype)
+        errors[name] = check_close(name, got, want_fwd[i], dtype, None if low_fwd is None else low_fwd[i])
+    for i, name in enumerate(ATTENTION_GRAD_NAMES):
+        got = got_grads[i]
+        if got is not None:
+            assert got.dtype == dtype, (name, got.dtype)
+        errors["d_" + name] = check_close(name, got, want_grads[i], dtype, None if low_grads is None else low_grads[i])
+    return errors
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4])
+@pytest.mark.parametrize("precond", list(PRECOND))
+@pytest.mark.parametrize("alibi", [False, True], ids=["no_alibi", "alibi"])
+@pytest.mark.parametrize("diag", ["none", "shared", "per_head"])
+def test_attention_options_float64(diag, alibi, precond, steps):
+    check_attention(AttnCase(seq=67, diag=diag, alibi=alibi, precond=precond, steps=steps))
+
+
+# (B, N, D, H, Dh, R): N around the 64-wide tiles, widths that fill no vector evenly.
+SHAPES = [
+    (2, 1, 12, 3, 5, 2),
+    (1, 7, 9, 2, 11, 1),
+    (2, 64, 16, 2, 8, 2),
+    (1, 65, 13, 3, 7, 3),
+    (1, 130, 24, 4, 6, 5),
+    (3, 129, 17, 1, 19, 2),
+    (1, 200, 1, 1, 1, 1),
+]
+
+
+@pytest.mark.parametrize("diag", ["none", "shared", "per_head"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}N{}D{}H{}Dh{}R{}".format(*s))
+def test_attention_shapes_float64(shape, diag):
+    b, n, d, h, e, r = shape
+    check_attention(AttnCase(batch=b, seq=n, dim=d, heads=h, head_dim=e, rank=r, diag=diag, steps=3))
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 3.0])
+def test_attention_explicit_scale(scale):
+    check_attention(AttnCase(seq=70, scale=scale, diag="per_head"))
+
+
+@pytest.mark.parametrize("seq", [7, 130])
+@pytest.mark.parametrize("diag", ["none", "shared", "per_head"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_attention_low_precision(dtype, diag, seq):
+    errors = check_attention(AttnCase(seq=seq, dim=24, heads=3, head_dim=8, diag=diag, steps=3), dtype)
+    # The forward output and the saved state meet the plain bound, without the fairness margin.
+    for name in ("out", "iterates", "head_outputs", "diag_values", "lse"):
+        assert errors[name] <= BASE_TOLERANCE[dtype], (name, errors[name])
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+@pytest.mark.parametrize("diag", ["none", "shared", "per_head"])
+def test_attention_instruction_sets(isa, diag):
+    if isa == "avx2" and not _cpu_has_avx2():
+        pytest.skip("this CPU has no AVX2 + FMA")
+    with env(CEM_OPS_CPU_ISA=isa):
+        check_attention(AttnCase(seq=130, diag=diag), torch.float64)
+        check_attention(AttnCase(seq=130, diag=diag), torch.float32)
+
+
+def _cpu_has_avx2() -> bool:
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    return " avx2" in flags and " fma" in flags
+
+
+def test_attention_unknown_instruction_set_is_an_error():
+    args = attention_inputs(AttnCase(seq=5), torch.float32)
+    with env(CEM_OPS_CPU_ISA="sse9"), pytest.raises(RuntimeError, match="CEM_OPS_CPU_ISA"):
+        OPS.attention_fwd(*args, None, True)
+
+
+@pytest.mark.parametrize("diag", ["shared", "per_head"])
+def test_attention_strips_off_gives_the_same_bits(diag):
+    """Pass 2 reads pass 1's strips or recomputes: both must give identical results."""
+    case = AttnCase(batch=2, seq=150, diag=diag, steps=2)
+    args = attention_inputs(case, torch.float32)
+    grad_out = torch.randn(case.batch, case.seq, case.dim)
+    with_strips = kernel_attention(args, None, grad_out)
+    with env(CEM_OPS_CPU_STRIP_MB=0):
+        without = kernel_attention(args, None, grad_out)
+    for got, want in zip(without[0] + without[1], with_strips[0] + with_strips[1]):
+        if want is not None:
+            assert torch.equal(got, want)
+    with env(CEM_OPS_CPU_STRIP_MB=0):
+        check_attention(case, torch.float64)
+
+
+def test_attention_thread_count_does_not_change_results():
+    """Key-side sums are per chunk of work and added up after; any split must agree."""
+    case = AttnCase(batch=3, seq=200, diag="shared", steps=2)
+    args = attention_inputs(case, torch.float64)
+    grad_out = torch.randn(case.batch, case.seq, case.dim, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    results = {}
+    for n in sorted({1, 2, 3, threads}):
+        torch.set_num_threads(n)
+        try:
+            results[n] = kernel_attention(args, None, grad_out)
+        finally:
+            torch.set_num_threads(threads)
+    first = results[1]
+    for fwd, grads in results.values():
+        for got, want in zip(fwd + grads, first[0] + first[1]):
+            if want is not None and want.numel():
+                assert rel_err(got, want) < 1e-13
+
+
+def test_attention_noncontiguous_inputs():
+    case = AttnCase(batch=2, seq=70, dim=12, heads=3, head_dim=5, diag="per_head", steps=2)
+    args = attention_inputs(case, torch.float32)
+    x, w_q, w_k, diag, slopes, p, u, eta = args
+    strided = [
+        x.transpose(0, 1).contiguous().transpose(0, 1),  # (B, N, D) with batch stride D
+        w_q.permute(2, 0, 1).contiguous().permute(1, 2, 0),
+        torch.stack([w_k, w_k], -1)[..., 1],
+        diag.t().contiguous().t(),
+        torch.stack([slopes, slopes], 1)[:, 0],
+        torch.stack([p, p], 1)[:, 0],
+        u.t().contiguous().t(),
+        torch.stack([eta, eta], 1)[:, 1],
+    ]
+    assert not any(t.is_contiguous() for t in (strided[0], strided[1], strided[2], strided[3], strided[6]))
+    grad_out = torch.randn(case.batch, case.seq, case.dim)
+    dense = kernel_attention(args, None, grad_out)
+    got = kernel_attention(strided, None, grad_out.transpose(0, 1).contiguous().transpose(0, 1))
+    for a, b in zip(got[0] + got[1], dense[0] + dense[1]):
+        if b is not None:
+            assert torch.equal(a, b)
+    want_fwd, want_grads = reference_attention(as_f64(args), None, grad_out.double())
+    assert rel_err(got[0][0], want_fwd[0]) < 1e-5
+    assert rel_err(got[1][0], want_grads[0]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("diag", ["none", "shared", "per_head"])
+def test_attention_public_op_autograd(diag, dtype):
+    """cem_ops.attention -> attention_fwd/attention_bwd on CPU, against autograd through the reference."""
+    case = AttnCase(batch=2, seq=75, diag=diag, steps=3)
+    args = attention_inputs(case, dtype)
+    names = ["x", "w_q", "w_k", "diag", "alibi_slopes", "precond_diag", "precond_lowrank", "step_size"]
+    leaves = [None if a is None else a.clone().requires_grad_(name != "alibi_slopes") for a, name in zip(args, names)]
+    ref_leaves = [None if a is None else a.detach().double().requires_grad_(a.requires_grad) for a in leaves]
+    kwargs = dict(zip(names[3:], leaves[3:]))
+    out = cem_ops.attention(*leaves[:3], **kwargs)
+    out.backward(grad_out := torch.randn(out.shape, dtype=torch.float64).to(dtype))
+    with one_thread():
+        want = reference.attention(*ref_leaves)
+        want.backward(grad_out.double())
+    assert rel_err(out, want) <= BASE_TOLERANCE[dtype]
+    for name, leaf, ref_leaf in zip(names, leaves, ref_leaves):
+        if leaf is not None and leaf.requires_grad:
+            assert rel_err(leaf.grad, ref_leaf.grad) <= 2 * BASE_TOLERANCE[dtype], name
+
+
+def test_attention_inference_keeps_no_state():
+    case = AttnCase(seq=40)
+    args = attention_inputs(case, torch.float32)
+    fwd = OPS.attention_fwd(*args, None, False)
+    assert all(t.numel() == 0 for t in fwd[1:])
+    want = reference.attention_forward(*as_f64(args), None, False)
+    assert rel_err(fwd[0], want.out) < 1e-5
+    with torch.no_grad():
+        assert rel_err(cem_ops.attention(*args[:3], diag=args[3], step_size=args[7]), reference.attention(
+            *as_f64(args[:3]), diag=args[3].double(), step_size=args[7].double())) < 1e-5
+
+
+@pytest.mark.parametrize("batch,seq", [(0, 5), (2, 0), (0, 0)])
+def test_attention_empty(batch, seq):
+    case = AttnCase(batch=max(batch, 1), seq=max(seq, 1), steps=3)
+    args = attention_inputs(case, torch.float32)
+    args[0] = args[0][:batch, :seq]
+    fwd = OPS.attention_fwd(*args, None, True)
+    want = reference.attention_forward(*args, None, True)
+    for got, ref in zip(fwd, want):
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+    grads = OPS.attention_bwd(torch.zeros_like(args[0]), *args, None, *fwd[1:])
+    assert grads[0].shape == args[0].shape
+    for g, a in zip(grads[1:], [args[1], args[2], args[3], args[5], args[6], args[7]]):
+        assert g.shape == a.shape and not g.any()
+
+
+def test_attention_bad_input_is_a_clear_error():
+    args = attention_inputs(AttnCase(seq=9), torch.float32)
+    bad_wq = list(args)
+    bad_wq[1] = args[1][:, :, :-1]
+    with pytest.raises(ValueError, match="w_q must have shape"):
+        OPS.attention_fwd(*bad_wq, None, True)
+    mixed = list(args)
+    mixed[3] = args[3].double()
+    with pytest.raises(TypeError, match="diag must have the dtype of x"):
+        OPS.attention_fwd(*mixed, None, True)
+    fwd = OPS.attention_fwd(*args, None, False)  # no saved state
+    with pytest.raises(ValueError, match="iterates must have shape"):
+        OPS.attention_bwd(torch.zeros_like(args[0]), *args, None, *fwd[1:])
+
+
+def test_attention_opcheck():
+    case = AttnCase(batch=2, seq=67, diag="shared", steps=2)
+    args = attention_inputs(case, torch.float32)
+    torch.library.opcheck(OPS.attention_fwd.default, (*args, None, True))
+    trainable = [None if a is None else a.clone().requires_grad_(i != 4) for i, a in enumerate(args)]
+    torch.library.opcheck(OPS.attention_fwd.default, (*trainable, 0.4, True))
+    fwd = OPS.attention_fwd(*args, None, True)
+    torch.library.opcheck(OPS.attention_bwd.default, (torch.randn_like(args[0]), *args, None, *fwd[1:]))
+    per_head = attention_inputs(replace(case, diag="per_head", alibi=False, precond="none"), torch.float64)
+    torch.library.opcheck(OPS.attention_fwd.default, (*per_head, None, True))
+
+
+# ------------------------------------------------------------------------------------- memory
+
+
+def peak_scratch_bytes(fn) -> int:
+    """Peak bytes of CPU tensor memory allocated (and alive) while fn runs: a real count of
+    every allocation through the CPU allocator (cem_testing::cpu_allocation_probe)."""
+    probe = torch.ops.cem_testing.cpu_allocation_probe
+    probe("start")
+    try:
+        fn()
+    finally:
+        peak = probe("stop")
+    return peak
+
+
+def test_attention_memory_is_linear_in_seq():
+    """Forward + backward scratch grows like N, never N^2; the same probe sees the dense
+    reference grow like N^2, so the check can fail."""
+    b, d, h, e, steps = 1, 64, 2, 32, 2
+    torch.manual_seed(0)
+    w_q, w_k = torch.randn(h, e, d) / d**0.5, torch.randn(h, e, d) / d**0.5
+    diag, eta = 0.5 * torch.randn(d), torch.tensor([0.5, 0.4])
+
+    def run(n, fwd, bwd):
+        x = torch.randn(b, n, d)
+        grad_out = torch.randn(b, n, d)
+        args = (x, w_q, w_k, diag, None, None, None, eta, None)
+
+        def both():
+            state = fwd(*args, True)
+            bwd(grad_out, *args, *state[1:])
+
+        return peak_scratch_bytes(both)
+
+    kernel = {n: run(n, OPS.attention_fwd, OPS.attention_bwd) for n in (512, 1024, 2048)}
+    assert kernel[512] > 0
+    assert kernel[2048] / kernel[1024] < 2.2 and kernel[1024] / kernel[512] < 2.2, kernel
+    # All of it is O(N) state: at most ~60 floats per token and unit of width, far below
+    # even one N x N score matrix (2048^2 floats = 16 MiB) per head.
+    per_token = kernel[2048] / (2048 * (d + h * e) * 4)
+    assert per_token < 60, per_token
+    assert kernel[2048] < 2048 * 2048 * 4 * h
+    ref = {n: run(n, reference.attention_forward, reference.attention_backward) for n in (512, 1024)}
+    assert ref[1024] / ref[512] > 3.0, ref
+
+
+# ------------------------------------------------------------------------------------------ mlp
+
+
+@dataclass(frozen=True)
+class MlpCase:
+    batch: int = 2
+    seq: int = 67
+    dim: int = 12
+    hidden: int = 19
+    rank: int = 3
+    steps: int = 2
+    activation: str = "silu"
+    precond: str = "both"
+
+
+def mlp_inputs(case: MlpCase, dtype: torch.dtype) -> list:
+    f64 = torch.float64
+    d = case.dim
+    x = torch.randn(case.batch, case.seq, d, dtype=f64)
+    w = torch.randn(case.hidden, d, dtype=f64) / d**0.5
+    v = torch.randn(case.hidden, d, dtype=f64) / d**0.5
+    use_p, use_u = PRECOND[case.precond]
+    p = 0.5 + torch.rand(d, dtype=f64) if use_p else None
+    u = 0.3 * torch.randn(d, case.rank, dtype=f64) / d**0.5 if use_u else None
+    eta = 0.3 + 0.7 * torch.rand(case.steps, dtype=f64)
+    return [None if a is None else a.to(dtype) for a in (x, w, v, p, u, eta)]
+
+
+def reference_mlp(args, activation, grad_out):
+    with one_thread():
+        fwd = reference.mlp_forward(*args, activation, True)
+        grads = reference.mlp_backward(grad_out, *args, activation, *fwd[1:])
+    return tuple(fwd), tuple(grads)
+
+
+def kernel_mlp(args, activation, grad_out):
+    fwd = OPS.mlp_fwd(*args, activation, True)
+    grads = OPS.mlp_bwd(grad_out, *args, activation, *fwd[1:])
+    return tuple(fwd), tuple(grads)
+
+
+def check_mlp(case: MlpCase, dtype: torch.dtype = torch.float64):
+    args = mlp_inputs(case, dtype)
+    grad_out = torch.randn(case.batch, case.seq, case.dim, dtype=torch.float64).to(dtype)
+    want_fwd, want_grads = reference_mlp(as_f64(args), case.activation, grad_out.double())
+    got_fwd, got_grads = kernel_mlp(args, case.activation, grad_out)
+    low_fwd, low_grads = (None, None)
+    if dtype in LOW_PRECISION:
+        low_fwd, low_grads = reference_mlp(args, case.activation, grad_out)
+    for i, name in enumerate(MLP_FORWARD_NAMES):
+        assert got_fwd[i].dtype == dtype
+        check_close(name, got_fwd[i], want_fwd[i], dtype, None if low_fwd is None else low_fwd[i])
+    for i, name in enumerate(MLP_GRAD_NAMES):
+        check_close(name, got_grads[i], want_grads[i], dtype, None if low_grads is None else low_grads[i])
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4])
+@pytest.mark.parametrize("precond", list(PRECOND))
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
+def test_mlp_options_float64(activation, precond, steps):
+    check_mlp(MlpCase(activation=activation, precond=precond, steps=steps))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (3, 7, 9, 31, 2), (2, 130, 17, 5, 4)], ids=str)
+def test_mlp_shapes_float64(shape):
+    b, n, d, m, r = shape
+    check_mlp(MlpCase(batch=b, seq=n, dim=d, hidden=m, rank=r, steps=3))
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_mlp_low_precision(dtype, activation):
+    check_mlp(MlpCase(seq=70, dim=24, hidden=40, activation=activation, steps=3), dtype)
+
+
+def test_mlp_public_op_autograd_and_noncontiguous():
+    case = MlpCase(seq=33, steps=3, activation="gelu")
+    args = mlp_inputs(case, torch.float32)
+    x, w, v, p, u, eta = args
+    x_strided = x.transpose(0, 1).contiguous().transpose(0, 1)
+    w_strided = w.t().contiguous().t()
+    assert not x_strided.is_contiguous() and not w_strided.is_contiguous()
+    leaves = [t.clone().requires_grad_() for t in (x_strided, w_strided, v, p, u, eta)]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    out = cem_ops.mlp(*leaves[:3], precond_diag=leaves[3], precond_lowrank=leaves[4], step_size=leaves[5],
+                      activation="gelu")
+    out.backward(grad_out := torch.randn(out.shape))
+    with one_thread():
+        want = reference.mlp(*ref_leaves, activation="gelu")
+        want.backward(grad_out.double())
+    assert rel_err(out, want) < 1e-5
+    for leaf, ref_leaf in zip(leaves, ref_leaves):
+        assert rel_err(leaf.grad, ref_leaf.grad) < 2e-5
+
+
+@pytest.mark.parametrize("batch,seq", [(0, 5), (2, 0)])
+def test_mlp_empty(batch, seq):
+    args = mlp_inputs(MlpCase(batch=max(batch, 1), seq=max(seq, 1), steps=2), torch.float32)
+    args[0] = args[0][:batch, :seq]
+    fwd = OPS.mlp_fwd(*args, "relu", True)
+    want = reference.mlp_forward(*args, "relu", True)
+    for got, ref in zip(fwd, want):
+        assert got.shape == ref.shape
+    grads = OPS.mlp_bwd(torch.zeros_like(args[0]), *args, "relu", *fwd[1:])
+    assert grads[0].shape == args[0].shape
+    assert all(not g.any() for g in grads[1:])
+
+
+def test_mlp_bad_input_is_a_clear_error():
+    args = mlp_inputs(MlpCase(seq=5), torch.float32)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        OPS.mlp_fwd(*args, "tanh", True)
+    fwd = OPS.mlp_fwd(*args, "silu", False)
+    with pytest.raises(ValueError, match="iterates must have shape"):
+        OPS.mlp_bwd(torch.zeros_like(args[0]), *args, "silu", *fwd[1:])
+
+
+def test_mlp_opcheck():
+    args = mlp_inputs(MlpCase(seq=20), torch.float32)
+    torch.library.opcheck(OPS.mlp_fwd.default, (*args, "silu", True))
+    trainable = [a.clone().requires_grad_() for a in args]
+    torch.library.opcheck(OPS.mlp_fwd.default, (*trainable, "relu", True))
+    fwd = OPS.mlp_fwd(*args, "gelu", True)
+    torch.library.opcheck(OPS.mlp_bwd.default, (torch.randn_like(args[0]), *args, "gelu", *fwd[1:]))
