@@ -2,7 +2,13 @@
 
 Inputs are never zeros or constants: every call draws fresh values (seed it for reproducibility).
 Tolerances are relative errors ||out - ref|| / ||ref|| against a float64 reference (cem-math.md
-section 6).
+section 6). How the tests use them:
+  float64: everything within TOLERANCES[float64] of the float64 reference;
+  float32: forward within 1e-4, gradients within error_bound(float32, the float32 reference's error);
+  bfloat16/float16: forward within 1e-2 of the float64 reference; gradients within 1e-2 of the
+  reference forward + explicit backward run at the same precision (same rounding points: the
+  iterates, q, k and the saved state in the input dtype). Their distance to float64 is dominated by the conditioning of the function (rounded
+  iterates crossing a ReLU kink, cancelling sums), which no implementation can remove.
 """
 
 from __future__ import annotations
@@ -21,15 +27,16 @@ TOLERANCES = {
 }
 
 
-# Low-precision results may also be judged against plain PyTorch at that precision: a kernel is
-# fine when its error is within this factor of the reference computed without upcasting.
-PLAIN_ERROR_FACTOR = 2.0
+# A float32 gradient may be as far from the float64 reference as this factor times the error of
+# the reference itself run in float32 (the FlashAttention convention): some gradients, such as
+# the step sizes', are cancelling sums whose float32 error exceeds the contract's 1e-4.
+REFERENCE_ERROR_FACTOR = 2.0
 
 
-def error_bound(dtype: torch.dtype, plain_error: float = 0.0) -> float:
-    """Largest acceptable relative error: the contract's tolerance, or PLAIN_ERROR_FACTOR times
-    the error of plain PyTorch in ``dtype`` (the reference with upcast=False) when that is larger."""
-    return max(TOLERANCES[dtype], PLAIN_ERROR_FACTOR * plain_error)
+def error_bound(dtype: torch.dtype, reference_error: float = 0.0) -> float:
+    """Largest acceptable relative error: the contract's tolerance, or REFERENCE_ERROR_FACTOR
+    times the reference's own error at ``dtype`` when that is larger."""
+    return max(TOLERANCES[dtype], REFERENCE_ERROR_FACTOR * reference_error)
 
 
 def relative_error(out: Tensor, ref: Tensor) -> float:
@@ -211,7 +218,7 @@ __all__ = [
     "AttentionInputs",
     "MLPCase",
     "MLPInputs",
-    "PLAIN_ERROR_FACTOR",
+    "REFERENCE_ERROR_FACTOR",
     "TOLERANCES",
     "error_bound",
     "attention_flops",

@@ -2,7 +2,8 @@
 
 Every test draws fresh random inputs. A kernel is judged by the relative error
 ||got - want|| / ||want|| against the reference run in float64 on the same (rounded) inputs.
-Low-precision dtypes are also allowed twice the reference's own error in that dtype: the
+Lower precisions are also allowed twice the reference's own error in that dtype (error_bound in
+cem_ops.testing, where the tolerances live): the
 precision rule (iterates and saved state rounded to the input dtype, docs/backward.md) costs
 the reference exactly as much, and ill-conditioned sums such as d(step_size) amplify it.
 """
@@ -19,9 +20,9 @@ import torch
 import cem_ops
 from cem_ops import reference
 from cem_ops.ops.backends import has_compiled_kernel
+from cem_ops.testing import TOLERANCES, error_bound, relative_error
 
 OPS = torch.ops.cem
-BASE_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 FORWARD_NAMES = ("out", "iterates", "head_outputs", "diag_values", "lse")
 ATTENTION_GRAD_NAMES = ("x", "w_q", "w_k", "diag", "precond_diag", "precond_lowrank", "step_size")
@@ -66,9 +67,7 @@ def one_thread():
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     assert got.shape == want.shape, (got.shape, want.shape)
-    got, want = got.detach().double(), want.detach().double()
-    norm = want.norm()
-    return float((got - want).norm() / norm) if norm > 0 else float(got.norm())
+    return relative_error(got, want)
 
 
 def check_close(name, got, want, dtype, low_precision_ref=None):
@@ -79,9 +78,7 @@ def check_close(name, got, want, dtype, low_precision_ref=None):
     if want.numel() == 0:
         assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
         return 0.0
-    tol = BASE_TOLERANCE[dtype]
-    if low_precision_ref is not None:
-        tol = max(tol, 2 * rel_err(low_precision_ref, want))
+    tol = TOLERANCES[dtype] if low_precision_ref is None else error_bound(dtype, rel_err(low_precision_ref, want))
     err = rel_err(got, want)
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.3e} ({dtype})"
     return err
@@ -200,7 +197,7 @@ def test_attention_low_precision(dtype, diag, seq):
     errors = check_attention(AttnCase(seq=seq, dim=24, heads=3, head_dim=8, diag=diag, steps=3), dtype)
     # The forward output and the saved state meet the plain bound, without the fairness margin.
     for name in ("out", "iterates", "head_outputs", "diag_values", "lse"):
-        assert errors[name] <= BASE_TOLERANCE[dtype], (name, errors[name])
+        assert errors[name] <= TOLERANCES[dtype], (name, errors[name])
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
@@ -301,10 +298,10 @@ def test_attention_public_op_autograd(diag, dtype):
     with one_thread():
         want = reference.attention(*ref_leaves)
         want.backward(grad_out.double())
-    assert rel_err(out, want) <= BASE_TOLERANCE[dtype]
+    assert rel_err(out, want) <= TOLERANCES[dtype]
     for name, leaf, ref_leaf in zip(names, leaves, ref_leaves):
         if leaf is not None and leaf.requires_grad:
-            assert rel_err(leaf.grad, ref_leaf.grad) <= 2 * BASE_TOLERANCE[dtype], name
+            assert rel_err(leaf.grad, ref_leaf.grad) <= 2 * TOLERANCES[dtype], name
 
 
 def test_attention_inference_keeps_no_state():

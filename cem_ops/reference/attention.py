@@ -114,14 +114,9 @@ def attention_forward(
     step_size: Tensor,
     scale: float | None,
     save_for_backward: bool = True,
-    upcast: bool = True,
 ) -> AttentionForward:
-    """T steps of x <- x + eta P G(x); returns Delta and (optionally) the backward state.
-
-    ``upcast=False`` computes everything in the input dtype: the error of that plain
-    low-precision PyTorch is the yardstick low-precision kernels are judged against.
-    """
-    acc = accumulation_dtype(x.dtype) if upcast else x.dtype
+    """T steps of x <- x + eta P G(x); returns Delta and (optionally) the backward state."""
+    acc = accumulation_dtype(x.dtype)
     batch, n, dim = x.shape
     heads, head_dim, _ = w_q.shape
     beta = resolve_scale(scale, head_dim)
@@ -167,14 +162,13 @@ def attention(
     precond_lowrank: Tensor | None = None,
     step_size: Tensor | None = None,
     scale: float | None = None,
-    upcast: bool = True,
 ) -> Tensor:
     """Delta = x^T - x^0 of CEM attention (reference, differentiable by autograd)."""
     if step_size is None:
         raise ValueError("step_size is required: a 1-D tensor of T >= 1 step sizes")
     fwd = attention_forward(
         x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale,
-        save_for_backward=False, upcast=upcast,
+        save_for_backward=False,
     )
     return fwd.out
 

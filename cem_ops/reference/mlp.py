@@ -98,11 +98,9 @@ def mlp_forward(
     step_size: Tensor,
     activation_name: str = "silu",
     save_for_backward: bool = True,
-    upcast: bool = True,
 ) -> MLPForward:
-    """T steps of x <- x + eta P G(x); ``upcast=False`` computes in the input dtype (the
-    plain low-precision yardstick)."""
-    acc = accumulation_dtype(x.dtype) if upcast else x.dtype
+    """T steps of x <- x + eta P G(x); returns Delta and (optionally) the backward state."""
+    acc = accumulation_dtype(x.dtype)
     context = x.to(acc)
     w_acc = w.to(acc)
     gate = context @ v.to(acc).transpose(0, 1)  # v c: once per call
@@ -132,14 +130,11 @@ def mlp(
     precond_lowrank: Tensor | None = None,
     step_size: Tensor | None = None,
     activation: str = "silu",
-    upcast: bool = True,
 ) -> Tensor:
     """Delta = x^T - x^0 of the CEM MLP (reference, differentiable by autograd)."""
     if step_size is None:
         raise ValueError("step_size is required: a 1-D tensor of T >= 1 step sizes")
-    return mlp_forward(
-        x, w, v, precond_diag, precond_lowrank, step_size, activation, save_for_backward=False, upcast=upcast
-    ).out
+    return mlp_forward(x, w, v, precond_diag, precond_lowrank, step_size, activation, save_for_backward=False).out
 
 
 def mlp_energy(x: Tensor, context: Tensor, w: Tensor, v: Tensor, activation: str = "silu") -> Tensor:

@@ -58,7 +58,6 @@ Grads run_backward(
   const bool has_diag = s.diag_mode != DiagMode::kNone;
   const Preconditioner precond{to_acc(precond_diag, acc), to_acc(precond_lowrank, acc)};
   StepGradSums step_sums = zero_step_grad_sums(precond, s.steps, call.context);
-  const auto w_q_scaled = call.w_q * scale;
   const auto eta = host_step_sizes(step_size);
   const auto kernels = attention_core_kernels<T>();
 
@@ -83,7 +82,7 @@ Grads run_backward(
     if (has_diag) neg_grad = neg_grad + diag_values[t].to(acc);
     const auto grad_neg_grad = step_backward(grad_iterate, neg_grad, eta[t], t, precond, step_sums).contiguous();
     const auto grad_heads = at::matmul(grad_neg_grad, call.w_q.t()).contiguous();
-    const auto queries = at::matmul(x_t, w_q_scaled.t()).contiguous();
+    const auto queries = rounded_projection(x_t, call.w_q, call.storage, scale);  // pre-scaled by beta
     const auto lse_t = to_acc(lse[t], acc);
 
     AttnBwdParams<T> p{};

@@ -22,7 +22,6 @@ void run_forward(
   const auto p_lowrank = to_acc(precond_lowrank, acc);
   const OptTensor p_lowrank_t =
       p_lowrank.has_value() ? OptTensor(p_lowrank->t().contiguous()) : std::nullopt;
-  const auto w_q_scaled = call.w_q * scale;  // queries come out pre-scaled by beta
   const auto eta = host_step_sizes(step_size);
 
   const int64_t chunks = chunk_count(s.batch, s.seq);
@@ -42,7 +41,7 @@ void run_forward(
 
   at::Tensor x_t = call.context;
   for (int64_t t = 0; t < s.steps; ++t) {
-    const auto queries = at::matmul(x_t, w_q_scaled.t()).contiguous();
+    const auto queries = rounded_projection(x_t, call.w_q, call.storage, scale);  // pre-scaled by beta
     AttnFwdParams<T> p{};
     p.in = core_inputs<T>(call, s, scale);
     p.x = x_t.data_ptr<T>();

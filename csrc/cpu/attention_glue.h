@@ -25,7 +25,18 @@ struct AttnCallTensors {
   at::Tensor context_tiles;  // (B, NB, D, kKeyBlock)
   OptTensor diag;
   OptTensor alibi_slopes;
+  at::ScalarType storage;  // the input dtype: q and k are rounded through it (precision rule)
 };
+
+// x W^T rounded through the input dtype and scaled: the queries (scale beta) and keys (scale 1)
+// that the reference and the tensor-core kernels use (docs/backward.md, precision rule).
+inline at::Tensor rounded_projection(const at::Tensor& x, const at::Tensor& w, at::ScalarType storage, double scale) {
+  auto out = at::matmul(x, w.t());
+  if (storage != out.scalar_type()) {
+    out = out.to(storage).to(out.scalar_type());
+  }
+  return (scale == 1.0 ? out : out * scale).contiguous();
+}
 
 // (B, N, G, E) rows -> (B, G, NB, E, kKeyBlock): each key block transposed into one
 // contiguous panel, the last one zero-padded.
@@ -45,7 +56,8 @@ inline AttnCallTensors prepare_attention_call(
   t.context = to_acc(x, acc);
   t.w_q = to_acc(w_q, acc).view({s.heads * s.head_dim, s.dim});
   t.w_k = to_acc(w_k, acc).view({s.heads * s.head_dim, s.dim});
-  t.keys = at::matmul(t.context, t.w_k.t()).contiguous();
+  t.storage = x.scalar_type();
+  t.keys = rounded_projection(t.context, t.w_k, t.storage, 1.0);
   t.key_tiles = transposed_key_blocks(t.keys.view({s.batch, s.seq, s.heads, s.head_dim}));
   t.context_tiles = transposed_key_blocks(t.context.unsqueeze(2));
   t.diag = to_acc(diag, acc);
