@@ -22,6 +22,7 @@ import torch
 import cem_ops
 from cem_ops import reference
 from cem_ops.ops.backends import cuda_attention_kernels, kernel_backends
+from cem_ops.testing import TOLERANCES
 
 pytestmark = [
     pytest.mark.cuda,
@@ -29,7 +30,6 @@ pytestmark = [
 ]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DIFFERENTIABLE = ("x", "w_q", "w_k", "diag", "precond_diag", "precond_lowrank", "step_size")
 
 
@@ -170,7 +170,7 @@ def check_case(case: Case, seed: int | None = None) -> None:
     failures = []
     for name, (value, ref) in results.items():
         err = rel_err(value, ref)
-        bound = max(TOLERANCE[case.dtype], (2.0 if name == "out" else 3.0) * own_error[name])
+        bound = max(TOLERANCES[case.dtype], (2.0 if name == "out" else 3.0) * own_error[name])
         if not err < bound:
             failures.append(f"{name}: rel err {err:.3e} >= {bound:.1e} (reference's own: {own_error[name]:.1e})")
     kernel = "kernel" if runs_kernel(case.dtype, case.head_dim) else "reference fallback"
