@@ -376,7 +376,7 @@ def peak_scratch_bytes(fn) -> int:
 def test_attention_memory_is_linear_in_seq():
     """Forward + backward scratch grows like N, never N^2; the same probe sees the dense
     reference grow like N^2, so the check can fail."""
-    b, d, h, e, steps = 1, 64, 2, 32, 2
+    b, d, h, e = 1, 64, 2, 32
     torch.manual_seed(0)
     w_q, w_k = torch.randn(h, e, d) / d**0.5, torch.randn(h, e, d) / d**0.5
     diag, eta = 0.5 * torch.randn(d), torch.tensor([0.5, 0.4])
