@@ -51,7 +51,12 @@ def table(rows: list[dict]) -> str:
         "| mode | config | impl | median ms (q1-q3) | TFLOP/s | GB/s (min bytes) | peak MiB | vs reference | vs stock | vs llama (time, memory) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (mode, config), impls in sorted(by_config.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    def order(item):
+        (mode, _), impls = item
+        r = next(iter(impls.values()))
+        return (mode, r["model"], r["seq"], r["steps"], r["diag"])
+
+    for (mode, config), impls in sorted(by_config.items(), key=order):
         any_row = next(iter(impls.values()))
         yard = llama.get(yardstick_key(any_row))
         for name in ("reference", "stock", "ours"):
