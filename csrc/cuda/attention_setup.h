@@ -1,0 +1,102 @@
+// Shared by the CUDA attention forward and backward glue: kernel selection, the reference
+// fallback, the per-call Setup, the row panels of the diagonal and the params-struct views.
+// docs/backward.md is the blueprint; benchmarks/NOTES.md explains the design.
+//
+// The shared diagonal's D-wide terms are done once for all heads, one row panel of R query rows
+// at a time (memory O(R N), never N x N):
+//   forward:  S^D = beta (lambda * x_i) . c_j   (cuBLAS, float32)  -> added to every head's scores
+//             P = sum_k P^k                      (tile kernel, needs each head's lse first)
+//             vbar = lambda * (P c)              (cuBLAS)
+//   backward: YC = (lambda * dG_i) . c_j         (cuBLAS)           -> added to every head's dP
+//             P, dS = sum_k P^k, sum_k dS^k      (tile kernel)
+//             r = dS c, F += beta dS^T x + P^T dG (cuBLAS)
+// A per-head diagonal uses per-head panels and per-head products (about H times the work).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+#include <cuda_runtime_api.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <utility>
+
+#include "cuda/kernel_registry.h"
+#include "ops/checks.h"
+
+namespace cem::cuda {
+
+using OptTensor = std::optional<at::Tensor>;
+
+std::optional<CemDType> kernel_dtype(at::ScalarType dtype);
+
+// The kernels for (dtype, head_dim), or null with the reason in *why.
+const AttentionKernelSet* select_kernels(at::ScalarType dtype, int64_t head_dim, std::string* why);
+
+// Runs the reference (the Python fallback registered at CompositeExplicitAutograd) for inputs the
+// kernels do not cover: float64 (gradcheck) and head dims above the compiled buckets.
+template <class... Args>
+c10::Stack call_reference(const char* op, Args&&... args) {
+  const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(op, "");
+  TORCH_CHECK(
+      handle.hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd), op,
+      ": these inputs need the reference implementation, which is registered by the cem_ops Python package; "
+      "import cem_ops first");
+  c10::Stack stack;
+  stack.reserve(sizeof...(Args));
+  (stack.emplace_back(std::forward<Args>(args)), ...);
+  handle.callBoxedForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd, stack);
+  return stack;
+}
+
+void warn_fallback(const char* op, const std::string& why, at::ScalarType dtype);
+
+// Products with float32 output for input-dtype operands (cuBLAS accumulates in float32).
+at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b);
+at::Tensor bmm_f32(const at::Tensor& a, const at::Tensor& b);
+
+void check_launch(cudaError_t err, const char* what);
+
+// Everything a step needs that does not change between steps.
+struct Setup {
+  AttentionSizes s;
+  at::ScalarType dtype;
+  const AttentionKernelSet* kernels;
+  at::Tensor x;           // (B, N, D) contiguous: x^0 and the context c
+  at::Tensor wq, wk;      // (H Dh, D) contiguous
+  at::Tensor keys;        // (B, N, H Dh): K = W_K c, once per call
+  at::Tensor lam;         // float32 (D,) or (H, D); undefined without a diagonal
+  at::Tensor alibi;       // (H,) contiguous or undefined
+  float beta;
+  int64_t panel_rows;     // query rows per diagonal panel (multiple of the tile size)
+  cudaStream_t stream;
+
+  bool has_diag() const { return s.diag_mode != DiagMode::kNone; }
+  bool per_head() const { return s.diag_mode == DiagMode::kPerHead; }
+};
+
+void check_launch_limits(const char* op, const AttentionSizes& s);
+void check_device_smem(const char* op, const AttentionKernelSet& set);
+Setup make_setup(
+    const AttentionSizes& s, const AttentionKernelSet* kernels, const at::Tensor& x, const at::Tensor& w_q,
+    const at::Tensor& w_k, const OptTensor& diag, const OptTensor& alibi_slopes, std::optional<double> scale);
+
+// A (B, N, H, Dh) tensor with unit stride along Dh, contiguous (every caller makes it so).
+CemHeadTensor head_view(const at::Tensor& t, const AttentionSizes& s);
+
+// A (B, [H,] rows, keys) contiguous panel.
+CemPanel panel_view(const at::Tensor& t, bool per_head);
+
+bool aligned16(const at::Tensor& t);
+CemAttnParams base_params(const Setup& st, const at::Tensor& q, const at::Tensor& o, const at::Tensor& lse);
+
+// (alpha lambda_k * v_i) . c_j for the panel rows v (B, rows, D) and keys j < keys, float32:
+// (B, rows, keys) for a shared diagonal, (B, H, rows, keys) per head. The scores' S^D (v = x^t,
+// alpha = beta) and the backward's y . c (v = dG, alpha = 1).
+at::Tensor diag_products(const Setup& st, const at::Tensor& v, double alpha, int64_t keys);
+
+at::Tensor empty_panel(const Setup& st, int64_t rows, int64_t keys);
+
+}  // namespace cem::cuda
