@@ -61,7 +61,7 @@ def main() -> None:
     config = "B=1, D=256, H=4, Dh=64, T=2, shared diagonal, ALiBi, float32, forward+backward"
     out.with_suffix(".json").write_text(json.dumps(dict(machine=identity, config=config, rows=rows), indent=1))
     lines = [f"# CPU peak memory, {config}", "", f"Machine: {identity['cpu']} ({identity['cpu_count']} cores), "
-             f"torch {identity['torch']}, git {identity['git_sha']}", "",
+             f"torch {identity['torch']}, git {identity['git']['sha'][:10]}", "",
              "| N | ours peak MiB | reference peak MiB | reference / ours |", "|---|---|---|---|"]
     for seq in SEQS:
         ours = next(r for r in rows if r["impl"] == "ours" and r["seq"] == seq)

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 import cem_ops  # noqa: E402
+from cem_ops import machine  # noqa: E402
 from cem_ops import reference  # noqa: E402
 from cem_ops.testing import AttentionCase, MLPCase, TOLERANCES, relative_error  # noqa: E402
 
@@ -90,7 +91,7 @@ def main() -> int:
     print(f"cem_ops {cem_ops.__version__} on torch {info['torch_version']}, CUDA kernels built: {info['with_cuda']}")
     for op, backends in info["kernels"].items():
         print(f"  {op:<14} {backends}")
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else harness.cpu_model()
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else machine.cpu_model()
     print(f"\nChecking the ops against the float64 reference on {args.device} ({device_name}):")
     ok = check(args.device)
     print(f"\nThroughput on {args.device} (useful FLOPs as in benchmarks/harness.py):")

@@ -17,9 +17,6 @@ not useful work and is not counted).
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,6 +24,7 @@ from typing import Callable
 import torch
 
 import cem_ops
+from cem_ops import machine
 from cem_ops.nn import LlamaAttention
 from cem_ops.testing import AttentionCase, attention_flops, llama_attention_flops
 
@@ -197,59 +195,5 @@ def peak_cuda_bytes(run: Callable[[], None]) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def gpu_identity() -> dict[str, object]:
-    """GPU name, clocks and driver read with nvidia-ml-py (pynvml), plus torch's view."""
-    info: dict[str, object] = {"name": torch.cuda.get_device_name(), "capability": torch.cuda.get_device_capability()}
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        info.update(
-            nvml_name=pynvml.nvmlDeviceGetName(handle),
-            driver=pynvml.nvmlSystemGetDriverVersion(),
-            sm_clock_mhz=pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
-            sm_clock_max_mhz=pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM),
-            mem_clock_mhz=pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
-            mem_clock_max_mhz=pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM),
-            power_limit_w=pynvml.nvmlDeviceGetPowerManagementLimit(handle) / 1000,
-            memory_total_gib=pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**30,
-        )
-    except Exception as error:  # the identity is still useful without NVML
-        info["nvml_error"] = repr(error)
-    return info
-
-
 def machine_identity(device: str) -> dict[str, object]:
-    identity: dict[str, object] = {
-        "device": device,
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cem_ops_build": {k: v for k, v in cem_ops.build_info().items() if k != "kernels"},
-        "kernels": cem_ops.kernel_backends(),
-        "git_sha": git_sha(),
-        "python": platform.python_version(),
-    }
-    if device == "cuda":
-        identity["gpu"] = gpu_identity()
-    return identity
+    return machine.describe(device, ROOT)

@@ -126,8 +126,9 @@ def main() -> None:
     identity = machine.get("cem_ops", {})
     header = [f"# CEM attention benchmark: {args.json.stem}", "",
               f"Machine: `{json.dumps(identity.get('gpu') or identity.get('cpu'))}`", "",
-              f"torch {identity.get('torch')}, CUDA {identity.get('cuda')}, git {identity.get('git_sha')}, "
-              f"kernels {json.dumps(identity.get('kernels', {}).get('attention_fwd'))}", "",
+              f"torch {identity.get('torch')}, CUDA {identity.get('cuda')}, git {identity.get('git', {}).get('sha')}, "
+              f"kernels {json.dumps(identity.get('cem_ops_build', {}).get('kernels', {}).get('attention_fwd'))}, "
+              f"{identity.get('date_utc')}", "",
               "FLOP convention: see benchmarks/harness.py (useful FLOPs, causal half, diagonal terms included; "
               "forward+backward = 3x forward).", ""]
     md = args.json.with_suffix(".md")

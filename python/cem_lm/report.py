@@ -93,6 +93,14 @@ def backends_text(env: dict) -> str:
     return ", ".join(f"{op} {backend}" for op, backend in chosen.items())
 
 
+def gpu_name(gpu) -> str:
+    """The GPU's name and clocks (cem_ops.machine.gpu_identity), or the bare name of older results."""
+    if not isinstance(gpu, dict):
+        return str(gpu)
+    clocks = f", SM {gpu['sm_clock_mhz']}/{gpu['sm_clock_max_mhz']} MHz, driver {gpu['driver']}" if "driver" in gpu else ""
+    return f"{gpu['name']}{clocks}"
+
+
 def environment_text(env: dict, preset: str, records: list[dict]) -> str:
     first = records[0]
     mc, tc = first["model_config"], first["train_config"]
@@ -101,7 +109,7 @@ def environment_text(env: dict, preset: str, records: list[dict]) -> str:
         f"- Date: {env['date_utc']}; wall time {env['wall_seconds'] / 60:.1f} min for {len(records)} runs "
         f"({env['jobs']} at a time, {env['threads_per_run']} torch thread(s) each).",
         f"- Machine: {env['cpu']} ({env['cpu_count']} cores visible), device {env['device']}"
-        + (f" ({env['gpu']}, CUDA {env['cuda']})" if "gpu" in env else "")
+        + (f" ({gpu_name(env['gpu'])}, CUDA {env['cuda']})" if "gpu" in env else "")
         + f"; load average at start {env['load_average_at_start']}, at end {env['load_average_at_end']}.",
         f"- Software: torch {env['torch']}, Python {env['python']}; source {git['sha']}"
         + (" (with uncommitted changes)" if git["dirty"] else "") + f"; cem_ops kernels: {backends_text(env)}.",
