@@ -7,10 +7,10 @@ TORCH_LIBRARY(cem, m) {
   // Public ops (cem-math.md section 5).
   m.def(
       "attention(Tensor x, Tensor w_q, Tensor w_k, Tensor? diag, Tensor? alibi_slopes, "
-      "Tensor? precond_diag, Tensor? precond_lowrank, Tensor step_size, float? scale) -> Tensor");
+      "Tensor? precond_diag, Tensor? precond_lowrank, Tensor step_size, float? scale=None) -> Tensor");
   m.def(
       "attention_energy(Tensor x, Tensor context, Tensor w_q, Tensor w_k, Tensor? diag, "
-      "Tensor? alibi_slopes, float? scale) -> Tensor");
+      "Tensor? alibi_slopes, float? scale=None) -> Tensor");
   m.def(
       "mlp(Tensor x, Tensor w, Tensor v, Tensor? precond_diag, Tensor? precond_lowrank, "
       "Tensor step_size, str activation=\"silu\") -> Tensor");

@@ -317,3 +317,17 @@ def test_torch_compile_fullgraph_block_forward_backward(rng):
     assert relative_error(compiled_loss, eager_loss) < 1e-5
     for c, e in zip(compiled_grads, eager_grads):
         assert relative_error(c, e) < 1e-4
+
+
+def test_schema_order_calls_and_defaults(rng):
+    """torch.ops.cem.* take cem-math.md's schema order; scale and activation may be left out."""
+    att = AttentionCase(dtype=torch.float64).make(rng)
+    positional = torch.ops.cem.attention(att.x, att.w_q, att.w_k, att.diag, att.alibi_slopes, att.precond_diag,
+                                         att.precond_lowrank, att.step_size)
+    assert relative_error(positional, torch.ops.cem.attention(*att.args())) == 0.0
+    energy = torch.ops.cem.attention_energy(att.x, att.x, att.w_q, att.w_k, att.diag, att.alibi_slopes)
+    assert energy.shape == att.x.shape[:2]
+    mlp_in = MLPCase(dtype=torch.float64).make(rng)
+    silu = torch.ops.cem.mlp(mlp_in.x, mlp_in.w, mlp_in.v, mlp_in.precond_diag, mlp_in.precond_lowrank,
+                             mlp_in.step_size)
+    assert relative_error(silu, reference.mlp(*mlp_in.args())) < 1e-12
