@@ -20,7 +20,7 @@ import torch
 import cem_ops
 from cem_ops import reference
 from cem_ops.ops.backends import has_compiled_kernel
-from cem_ops.testing import TOLERANCES, error_bound, relative_error
+from cem_ops.testing import TOLERANCES, AttentionCase, MLPCase, error_bound, relative_error
 
 OPS = torch.ops.cem
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
@@ -103,20 +103,12 @@ class AttnCase:
 
 
 def attention_inputs(case: AttnCase, dtype: torch.dtype) -> list:
-    """Fresh random inputs in schema order (without scale), all non-zero, rounded to dtype."""
-    f64 = torch.float64
-    b, n, d, h, e = case.batch, case.seq, case.dim, case.heads, case.head_dim
-    x = torch.randn(b, n, d, dtype=f64)
-    w_q = torch.randn(h, e, d, dtype=f64) / d**0.5
-    w_k = torch.randn(h, e, d, dtype=f64) / d**0.5
-    diag = {"none": None, "shared": 0.5 * torch.randn(d, dtype=f64), "per_head": 0.5 * torch.randn(h, d, dtype=f64)}
-    slopes = 0.05 + 0.45 * torch.rand(h, dtype=f64) if case.alibi else None
+    """Fresh random inputs (cem_ops.testing) in schema order without scale, rounded to dtype."""
     use_p, use_u = PRECOND[case.precond]
-    p = 0.5 + torch.rand(d, dtype=f64) if use_p else None
-    u = 0.3 * torch.randn(d, case.rank, dtype=f64) / d**0.5 if use_u else None
-    eta = 0.3 + 0.7 * torch.rand(case.steps, dtype=f64)
-    args = [x, w_q, w_k, diag[case.diag], slopes, p, u, eta]
-    return [None if a is None else a.to(dtype) for a in args]
+    shared = AttentionCase(batch=case.batch, seq=case.seq, dim=case.dim, heads=case.heads, head_dim=case.head_dim,
+                           steps=case.steps, diag=case.diag, alibi=case.alibi, precond_diag=use_p,
+                           precond_rank=case.rank if use_u else 0, dtype=dtype)
+    return list(shared.make().args()[:-1])
 
 
 def as_f64(args):
@@ -420,16 +412,11 @@ class MlpCase:
 
 
 def mlp_inputs(case: MlpCase, dtype: torch.dtype) -> list:
-    f64 = torch.float64
-    d = case.dim
-    x = torch.randn(case.batch, case.seq, d, dtype=f64)
-    w = torch.randn(case.hidden, d, dtype=f64) / d**0.5
-    v = torch.randn(case.hidden, d, dtype=f64) / d**0.5
+    """Fresh random inputs (cem_ops.testing) in schema order without the activation."""
     use_p, use_u = PRECOND[case.precond]
-    p = 0.5 + torch.rand(d, dtype=f64) if use_p else None
-    u = 0.3 * torch.randn(d, case.rank, dtype=f64) / d**0.5 if use_u else None
-    eta = 0.3 + 0.7 * torch.rand(case.steps, dtype=f64)
-    return [None if a is None else a.to(dtype) for a in (x, w, v, p, u, eta)]
+    shared = MLPCase(batch=case.batch, seq=case.seq, dim=case.dim, hidden=case.hidden, steps=case.steps,
+                     precond_diag=use_p, precond_rank=case.rank if use_u else 0, dtype=dtype)
+    return list(shared.make().args()[:-1])
 
 
 def reference_mlp(args, activation, grad_out):
