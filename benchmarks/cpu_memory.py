@@ -23,17 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
 
+from cem_ops.testing import cpu_peak_bytes  # noqa: E402
+
 SEQS = (2048, 8192, 16384)
-
-
-def peak_bytes(run) -> int:
-    probe = torch.ops.cem_testing.cpu_allocation_probe
-    probe("start")
-    try:
-        run()
-    finally:
-        peak = probe("stop")
-    return peak
 
 
 def main() -> None:
@@ -50,7 +42,7 @@ def main() -> None:
                 continue
             run = harness.make_call(impl, config, "forward_backward", torch.Generator().manual_seed(0))
             start = time.perf_counter()
-            peak = peak_bytes(run)
+            peak = cpu_peak_bytes(run)
             seconds = time.perf_counter() - start
             previous = peak
             rows.append(dict(impl=impl, seq=seq, peak_bytes=peak, predicted_bytes=None, seconds=seconds))

@@ -191,6 +191,18 @@ class MLPInputs:
         return MLPInputs(*(cast(t) for t in self.args()[:-1]), activation=self.activation)
 
 
+def cpu_peak_bytes(fn) -> int:
+    """Peak bytes of CPU tensor memory allocated (and alive) while fn runs, beyond what existed
+    before: every allocation through the CPU allocator is counted (cem_testing::cpu_allocation_probe)."""
+    probe = torch.ops.cem_testing.cpu_allocation_probe
+    probe("start")
+    try:
+        fn()
+    finally:
+        peak = probe("stop")
+    return peak
+
+
 def attention_flops(batch: int, seq: int, dim: int, heads: int, head_dim: int, steps: int, diag: str) -> float:
     """Useful forward FLOPs of one attention call (2 per multiply-add), causal half of the scores.
 
@@ -222,6 +234,7 @@ __all__ = [
     "TOLERANCES",
     "error_bound",
     "attention_flops",
+    "cpu_peak_bytes",
     "llama_attention_flops",
     "relative_error",
 ]

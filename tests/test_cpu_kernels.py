@@ -20,7 +20,7 @@ import torch
 import cem_ops
 from cem_ops import reference
 from cem_ops.ops.backends import has_compiled_kernel
-from cem_ops.testing import TOLERANCES, AttentionCase, MLPCase, error_bound, relative_error
+from cem_ops.testing import TOLERANCES, AttentionCase, MLPCase, cpu_peak_bytes, error_bound, relative_error
 
 OPS = torch.ops.cem
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
@@ -353,18 +353,6 @@ def test_attention_opcheck():
 # ------------------------------------------------------------------------------------- memory
 
 
-def peak_scratch_bytes(fn) -> int:
-    """Peak bytes of CPU tensor memory allocated (and alive) while fn runs: a real count of
-    every allocation through the CPU allocator (cem_testing::cpu_allocation_probe)."""
-    probe = torch.ops.cem_testing.cpu_allocation_probe
-    probe("start")
-    try:
-        fn()
-    finally:
-        peak = probe("stop")
-    return peak
-
-
 def test_attention_memory_is_linear_in_seq():
     """Forward + backward scratch grows like N, never N^2; the same probe sees the dense
     reference grow like N^2, so the check can fail."""
@@ -382,7 +370,7 @@ def test_attention_memory_is_linear_in_seq():
             state = fwd(*args, True)
             bwd(grad_out, *args, *state[1:])
 
-        return peak_scratch_bytes(both)
+        return cpu_peak_bytes(both)
 
     kernel = {n: run(n, OPS.attention_fwd, OPS.attention_bwd) for n in (512, 1024, 2048)}
     assert kernel[512] > 0
