@@ -147,6 +147,44 @@ def test_mlp_saved_state_matches_reference(rng):
         assert relative_error(g, w) < 1e-5, name
 
 
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")),
+]
+
+
+def _strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """The same values with reversed strides (not contiguous when t has two non-trivial dims)."""
+    dims = list(range(t.dim()))[::-1]
+    return t.permute(dims).contiguous().permute(dims)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_ops_accept_strided_saved_state(device, rng):
+    """The backward ops are public: saved state with other strides gives the same gradients."""
+    att = AttentionCase(**SHAPES[2], steps=3, diag="shared", device=device).make(rng)
+    args = att.args()
+    grad_out = torch.randn(att.x.shape, generator=rng).to(device)
+    state = torch.ops.cem.attention_fwd(*args, True)[1:]
+    strided = [_strided_copy(t) for t in state]
+    assert not any(t.is_contiguous() for t in strided if t.numel() > 1)
+    want = torch.ops.cem.attention_bwd(grad_out, *args, *state)
+    got = torch.ops.cem.attention_bwd(grad_out, *args, *strided)
+    for g, w in zip(got, want):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+    mlp_in = MLPCase(steps=3, device=device).make(rng)
+    args = mlp_in.args()
+    grad_out = torch.randn(mlp_in.x.shape, generator=rng).to(device)
+    state = torch.ops.cem.mlp_fwd(*args, True)[1:]
+    want = torch.ops.cem.mlp_bwd(grad_out, *args, *state)
+    got = torch.ops.cem.mlp_bwd(grad_out, *args, *[_strided_copy(t) for t in state])
+    for g, w in zip(got, want):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("diag", DIAGS)
 def test_attention_gradcheck(diag, rng):
     inputs = AttentionCase(batch=1, seq=6, dim=5, heads=2, head_dim=3, steps=2, diag=diag, dtype=F64).make(

@@ -129,3 +129,45 @@ def test_mlp_energy_errors(mlp_in):
 def test_step_size_must_be_a_tensor(att):
     with pytest.raises((TypeError, RuntimeError), match="step_size"):
         call_attention(att, step_size=0.5)
+
+
+# The backward ops are public too: their saved-state arguments are checked like any other input.
+ATTENTION_STATE_ERRORS = [
+    ("grad_out", lambda s: s["grad_out"][:, :-1], ValueError, "grad_out must have shape"),
+    ("iterates", lambda s: s["iterates"][:0], ValueError, "iterates must have shape"),
+    ("head_outputs", lambda s: s["head_outputs"].double(), TypeError, "head_outputs must have dtype"),
+    ("diag_values", lambda s: s["diag_values"][..., :-1], ValueError, "diag_values must have shape"),
+    ("lse", lambda s: s["lse"].transpose(2, 3), ValueError, "lse must have shape"),
+]
+
+
+@pytest.mark.parametrize("name,corrupt,error,message", ATTENTION_STATE_ERRORS, ids=[e[0] for e in ATTENTION_STATE_ERRORS])
+def test_attention_bwd_state_errors(att, rng, name, corrupt, error, message):
+    _, iterates, head_outputs, diag_values, lse = torch.ops.cem.attention_fwd(*att.args(), True)
+    state = dict(
+        grad_out=torch.randn(att.x.shape, generator=rng), iterates=iterates, head_outputs=head_outputs,
+        diag_values=diag_values, lse=lse,
+    )
+    state[name] = corrupt(state)
+    with pytest.raises(error, match=f"cem::attention_bwd: {message}"):
+        torch.ops.cem.attention_bwd(
+            state["grad_out"], *att.args(), state["iterates"], state["head_outputs"], state["diag_values"],
+            state["lse"],
+        )
+
+
+MLP_STATE_ERRORS = [
+    ("grad_out", lambda s: s["grad_out"].double(), TypeError, "grad_out must have dtype"),
+    ("iterates", lambda s: s["iterates"][:, :1], ValueError, "iterates must have shape"),
+    ("neg_grads", lambda s: s["neg_grads"][:1], ValueError, "neg_grads must have shape"),
+]
+
+
+@pytest.mark.parametrize("name,corrupt,error,message", MLP_STATE_ERRORS, ids=[e[0] for e in MLP_STATE_ERRORS])
+def test_mlp_bwd_state_errors(rng, name, corrupt, error, message):
+    inputs = MLPCase(dim=8, hidden=6, steps=3).make(rng)
+    _, iterates, neg_grads = torch.ops.cem.mlp_fwd(*inputs.args(), True)
+    state = dict(grad_out=torch.randn(inputs.x.shape, generator=rng), iterates=iterates, neg_grads=neg_grads)
+    state[name] = corrupt(state)
+    with pytest.raises(error, match=f"cem::mlp_bwd: {message}"):
+        torch.ops.cem.mlp_bwd(state["grad_out"], *inputs.args(), state["iterates"], state["neg_grads"])

@@ -8,39 +8,14 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
-#include <sstream>
-
 #include "cpu/attention_glue.h"
 #include "cpu/preconditioner.h"
+#include "ops/saved_state.h"
 
 namespace cem::cpu {
 namespace {
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, OptTensor, OptTensor, OptTensor, at::Tensor>;
-
-void check_state_tensor(
-    const char* name, const at::Tensor& t, at::IntArrayRef expected, at::ScalarType dtype, const at::Tensor& x) {
-  std::ostringstream want;
-  want << expected;
-  TORCH_CHECK_VALUE(
-      t.sizes() == expected, "cem::attention_bwd: ", name, " must have shape ", want.str(),
-      " (the saved state of attention_fwd with save_for_backward=True), got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "cem::attention_bwd: ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == x.device(), "cem::attention_bwd: ", name, " must be on the device of x");
-}
-
-void check_saved_state(
-    const AttentionSizes& s, const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& iterates,
-    const at::Tensor& head_outputs, const at::Tensor& diag_values, const at::Tensor& lse) {
-  const auto dtype = x.scalar_type();
-  check_state_tensor("grad_out", grad_out, x.sizes(), dtype, x);
-  check_state_tensor("iterates", iterates, {s.steps - 1, s.batch, s.seq, s.dim}, dtype, x);
-  check_state_tensor("head_outputs", head_outputs, {s.steps, s.batch, s.seq, s.heads, s.head_dim}, dtype, x);
-  if (s.diag_mode != DiagMode::kNone) {
-    check_state_tensor("diag_values", diag_values, {s.steps, s.batch, s.seq, s.dim}, dtype, x);
-  }
-  check_state_tensor("lse", lse, {s.steps, s.batch, s.heads, s.seq}, accumulation_dtype(dtype), x);
-}
 
 OptTensor cast_like(const at::Tensor& grad, const OptTensor& like) {
   return like.has_value() ? OptTensor(grad.to(like->scalar_type())) : std::nullopt;
@@ -155,7 +130,7 @@ Grads attention_bwd_cpu(
     const at::Tensor& iterates, const at::Tensor& head_outputs, const at::Tensor& diag_values, const at::Tensor& lse) {
   const AttentionSizes s = check_attention_args(
       "cem::attention_bwd", x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale);
-  check_saved_state(s, x, grad_out, iterates, head_outputs, diag_values, lse);
+  check_attention_state("cem::attention_bwd", s, x, grad_out, iterates, head_outputs, diag_values, lse);
   if (s.batch == 0 || s.seq == 0) {
     return zero_grads(x, w_q, w_k, diag, precond_diag, precond_lowrank, step_size);  // no tokens: no gradient
   }

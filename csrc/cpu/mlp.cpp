@@ -91,18 +91,7 @@ MlpGrads mlp_bwd_cpu(
   const std::string name(activation_name);
   const MlpSizes s = check_mlp_args("cem::mlp_bwd", x, w, v, precond_diag, precond_lowrank, step_size, name);
   const Activation act = parse_activation("cem::mlp_bwd", name);
-  TORCH_CHECK_VALUE(
-      grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(),
-      "cem::mlp_bwd: grad_out must match x in shape and dtype, got ", grad_out.sizes(), " ", grad_out.scalar_type());
-  TORCH_CHECK_VALUE(
-      iterates.dim() == 4 && iterates.size(0) == s.steps - 1 && iterates.sizes().slice(1) == x.sizes() &&
-          iterates.scalar_type() == x.scalar_type(),
-      "cem::mlp_bwd: iterates must have shape (T-1, B, N, D) and the dtype of x (the saved state of mlp_fwd with "
-      "save_for_backward=True), got ", iterates.sizes());
-  TORCH_CHECK_VALUE(
-      neg_grads.dim() == 4 && neg_grads.size(0) == s.steps && neg_grads.sizes().slice(1) == x.sizes() &&
-          neg_grads.scalar_type() == x.scalar_type(),
-      "cem::mlp_bwd: neg_grads must have shape (T, B, N, D) and the dtype of x, got ", neg_grads.sizes());
+  check_mlp_state("cem::mlp_bwd", s, x, grad_out, iterates, neg_grads);
   auto zeros_or_none = [](const OptTensor& t) {
     return t.has_value() ? OptTensor(at::zeros_like(*t, at::MemoryFormat::Contiguous)) : std::nullopt;
   };

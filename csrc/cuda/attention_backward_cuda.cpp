@@ -18,29 +18,6 @@ namespace {
 
 using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, OptTensor, OptTensor, OptTensor, at::Tensor>;
 
-
-void check_saved_state(
-    const char* op, const AttentionSizes& s, const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& iterates,
-    const at::Tensor& head_outputs, const at::Tensor& diag_values, const at::Tensor& lse) {
-  auto check = [&](const char* name, const at::Tensor& t, std::vector<int64_t> shape, at::ScalarType dtype) {
-    TORCH_CHECK_VALUE(
-        t.sizes() == at::IntArrayRef(shape), op, ": ", name, " must have shape ", at::IntArrayRef(shape),
-        " (see docs/backward.md), got ", t.sizes());
-    TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on the device of x (", x.device(), "), got ", t.device());
-  };
-  const auto dtype = x.scalar_type();
-  check("grad_out", grad_out, {s.batch, s.seq, s.dim}, dtype);
-  check("iterates", iterates, {s.steps - 1, s.batch, s.seq, s.dim}, dtype);
-  check("head_outputs", head_outputs, {s.steps, s.batch, s.seq, s.heads, s.head_dim}, dtype);
-  if (s.diag_mode == DiagMode::kNone) {
-    TORCH_CHECK_VALUE(diag_values.numel() == 0, op, ": diag_values must be empty without a diagonal, got shape ", diag_values.sizes());
-  } else {
-    check("diag_values", diag_values, {s.steps, s.batch, s.seq, s.dim}, dtype);
-  }
-  check("lse", lse, {s.steps, s.batch, s.heads, s.seq}, accumulation_dtype(dtype));
-}
-
 at::Tensor precondition(const at::Tensor& g, const at::Tensor& p_diag, const at::Tensor& u) {
   auto out = p_diag.defined() ? g * p_diag : g;
   if (u.defined()) {
@@ -131,7 +108,7 @@ BwdResult attention_bwd_cuda(
     const at::Tensor& iterates, const at::Tensor& head_outputs, const at::Tensor& diag_values, const at::Tensor& lse) {
   constexpr const char* kOp = "cem::attention_bwd";
   const auto s = check_attention_args(kOp, x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale);
-  check_saved_state(kOp, s, x, grad_out, iterates, head_outputs, diag_values, lse);
+  check_attention_state(kOp, s, x, grad_out, iterates, head_outputs, diag_values, lse);
   std::string why;
   const auto* kernels = select_kernels(x.scalar_type(), s.head_dim, &why);
   if (kernels == nullptr) {
@@ -206,7 +183,7 @@ BwdResult attention_bwd_cuda(
     grad_wq.add_(mm_f32(o_2d.t(), grad_g_t));
     const auto q = at::mm(x_t_2d, st.wq.t());
 
-    backward_core(st, x_t, q, o, dout, lse.select(0, t), grad_g, delta, dq, g);
+    backward_core(st, x_t, q, o, dout, lse.select(0, t).contiguous(), grad_g, delta, dq, g);
 
     // Query side: q = W_Q x^t.
     const auto dq_t = dq.view({rows, hd}).to(dtype);

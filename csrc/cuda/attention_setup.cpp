@@ -20,11 +20,12 @@ constexpr int64_t kDefaultPanelBytes = int64_t{256} << 20;
 // of the causal upper triangle, larger ones make bigger GEMMs.
 int64_t choose_panel_rows(const AttentionSizes& s, at::ScalarType dtype, int tile) {
   const int64_t padded_n = (s.seq + tile - 1) / tile * tile;
+  const int64_t max_rows = kGridYZLimit * tile;  // a panel's query tiles are one launch's grid.y
   if (const char* env = std::getenv("CEM_OPS_PANEL_ROWS")) {
     char* end = nullptr;
     const long long rows = std::strtoll(env, &end, 10);
     TORCH_CHECK_VALUE(end != env && *end == '\0' && rows >= 1, "CEM_OPS_PANEL_ROWS must be a positive integer, got '", env, "'");
-    return std::min(padded_n, (static_cast<int64_t>(rows) + tile - 1) / tile * tile);
+    return std::min({padded_n, max_rows, (static_cast<int64_t>(rows) + tile - 1) / tile * tile});
   }
   const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
   const int64_t copies = s.diag_mode == DiagMode::kPerHead ? s.heads : 1;
@@ -32,7 +33,7 @@ int64_t choose_panel_rows(const AttentionSizes& s, at::ScalarType dtype, int til
   const int64_t per_row = s.batch * copies * (s.seq * (8 + 2 * elem) + s.dim * 12);
   const int64_t budget_rows = kDefaultPanelBytes / std::max<int64_t>(per_row, 1) / tile * tile;
   const int64_t target = (std::max<int64_t>(256, s.seq / 8) + tile - 1) / tile * tile;
-  return std::clamp<int64_t>(std::min(target, budget_rows), tile, padded_n);
+  return std::clamp<int64_t>(std::min({target, budget_rows, max_rows}), tile, padded_n);
 }
 
 }  // namespace

@@ -34,4 +34,13 @@ struct MlpState {
 AttentionState allocate_attention_state(const at::Tensor& x, const AttentionSizes& sizes, bool save);
 MlpState allocate_mlp_state(const at::Tensor& x, const MlpSizes& sizes, bool save);
 
+// The backward ops take that state back as arguments: check that it is what the forward saved
+// (shape, dtype, device; any strides), with an error naming the argument.
+void check_attention_state(
+    const char* op, const AttentionSizes& sizes, const at::Tensor& x, const at::Tensor& grad_out,
+    const at::Tensor& iterates, const at::Tensor& head_outputs, const at::Tensor& diag_values, const at::Tensor& lse);
+void check_mlp_state(
+    const char* op, const MlpSizes& sizes, const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& iterates,
+    const at::Tensor& neg_grads);
+
 }  // namespace cem
