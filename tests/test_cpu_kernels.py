@@ -115,27 +115,37 @@ def as_f64(args):
     return [None if a is None else a.double() for a in args]
 
 
+def forward_backward(forward, backward, args, option, grad_out):
+    """forward(*args, option, save=True), then backward(grad_out, *args, option, *saved state)."""
+    fwd = forward(*args, option, True)
+    return tuple(fwd), tuple(backward(grad_out, *args, option, *fwd[1:]))
+
+
 def reference_attention(args, scale, grad_out):
     with one_thread():
-        fwd = reference.attention_forward(*args, scale, True)
-        grads = reference.attention_backward(grad_out, *args, scale, *fwd[1:])
-    return tuple(fwd), tuple(grads)
+        return forward_backward(reference.attention_forward, reference.attention_backward, args, scale, grad_out)
 
 
 def kernel_attention(args, scale, grad_out):
-    fwd = OPS.attention_fwd(*args, scale, True)
-    grads = OPS.attention_bwd(grad_out, *args, scale, *fwd[1:])
-    return tuple(fwd), tuple(grads)
+    return forward_backward(OPS.attention_fwd, OPS.attention_bwd, args, scale, grad_out)
+
+
+def run_both(reference_fn, kernel_fn, args, option, shape, dtype):
+    """((fwd, grads) of the kernels, of the float64 reference, of the reference at dtype or
+    (None, None)) for one fresh upstream gradient."""
+    grad_out = torch.randn(*shape, dtype=torch.float64).to(dtype)
+    want = reference_fn(as_f64(args), option, grad_out.double())
+    got = kernel_fn(args, option, grad_out)
+    low = reference_fn(args, option, grad_out) if dtype in LOW_PRECISION else (None, None)
+    return got, want, low
 
 
 def check_attention(case: AttnCase, dtype: torch.dtype = torch.float64):
     args = attention_inputs(case, dtype)
-    grad_out = torch.randn(case.batch, case.seq, case.dim, dtype=torch.float64).to(dtype)
-    want_fwd, want_grads = reference_attention(as_f64(args), case.scale, grad_out.double())
-    got_fwd, got_grads = kernel_attention(args, case.scale, grad_out)
-    low_fwd, low_grads = (None, None)
-    if dtype in LOW_PRECISION:
-        low_fwd, low_grads = reference_attention(args, case.scale, grad_out)
+    shape = (case.batch, case.seq, case.dim)
+    (got_fwd, got_grads), (want_fwd, want_grads), (low_fwd, low_grads) = run_both(
+        reference_attention, kernel_attention, args, case.scale, shape, dtype
+    )
     errors = {}
     for i, name in enumerate(FORWARD_NAMES):
         got = got_fwd[i]
@@ -409,25 +419,19 @@ def mlp_inputs(case: MlpCase, dtype: torch.dtype) -> list:
 
 def reference_mlp(args, activation, grad_out):
     with one_thread():
-        fwd = reference.mlp_forward(*args, activation, True)
-        grads = reference.mlp_backward(grad_out, *args, activation, *fwd[1:])
-    return tuple(fwd), tuple(grads)
+        return forward_backward(reference.mlp_forward, reference.mlp_backward, args, activation, grad_out)
 
 
 def kernel_mlp(args, activation, grad_out):
-    fwd = OPS.mlp_fwd(*args, activation, True)
-    grads = OPS.mlp_bwd(grad_out, *args, activation, *fwd[1:])
-    return tuple(fwd), tuple(grads)
+    return forward_backward(OPS.mlp_fwd, OPS.mlp_bwd, args, activation, grad_out)
 
 
 def check_mlp(case: MlpCase, dtype: torch.dtype = torch.float64):
     args = mlp_inputs(case, dtype)
-    grad_out = torch.randn(case.batch, case.seq, case.dim, dtype=torch.float64).to(dtype)
-    want_fwd, want_grads = reference_mlp(as_f64(args), case.activation, grad_out.double())
-    got_fwd, got_grads = kernel_mlp(args, case.activation, grad_out)
-    low_fwd, low_grads = (None, None)
-    if dtype in LOW_PRECISION:
-        low_fwd, low_grads = reference_mlp(args, case.activation, grad_out)
+    shape = (case.batch, case.seq, case.dim)
+    (got_fwd, got_grads), (want_fwd, want_grads), (low_fwd, low_grads) = run_both(
+        reference_mlp, kernel_mlp, args, case.activation, shape, dtype
+    )
     for i, name in enumerate(MLP_FORWARD_NAMES):
         assert got_fwd[i].dtype == dtype
         check_close(name, got_fwd[i], want_fwd[i], dtype, None if low_fwd is None else low_fwd[i])
