@@ -19,6 +19,7 @@ ROOT=$(pwd)
 LOGDIR=benchmarks/results/gpu_check
 mkdir -p "$LOGDIR"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON=${PYTHON:-python3}  # the interpreter that holds torch (plain `python` may be another one)
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
 
 publish() {  # copy logs where the caller can fetch them
@@ -36,7 +37,7 @@ run_logged() {  # run_logged <stage> <command...>: tee to the stage log, keep th
 
 stage_env() {
   : > "$LOGDIR/env.log"
-  run_logged env python - <<'PY'
+  run_logged env "$PYTHON" - <<'PY'
 import json, platform, shutil, subprocess, torch
 info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available()}
@@ -77,23 +78,23 @@ stage_build() {
   export CEM_OPS_CUDA=1
   # Only this GPU's architecture (sm_90a on Hopper, sm_80 code for any Ampere) unless told.
   if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-    TORCH_CUDA_ARCH_LIST=$(python -c "import torch; m, n = torch.cuda.get_device_capability(); print('9.0a' if (m, n) == (9, 0) else '8.0' if m == 8 else f'{m}.{n}')")
+    TORCH_CUDA_ARCH_LIST=$("$PYTHON" -c "import torch; m, n = torch.cuda.get_device_capability(); print('9.0a' if (m, n) == (9, 0) else '8.0' if m == 8 else f'{m}.{n}')")
   fi
   export TORCH_CUDA_ARCH_LIST
   export CEM_OPS_PTXAS_VERBOSE=${CEM_OPS_PTXAS_VERBOSE:-1}
   local start=$SECONDS
-  if ! run_logged build pip install --no-build-isolation --no-deps -v -e .; then
+  if ! run_logged build "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e .; then
     echo "== build: pip install -e failed; building in place instead" | tee -a "$LOGDIR/build.log"
-    run_logged build python setup.py build_ext --inplace || return 1
+    run_logged build "$PYTHON" setup.py build_ext --inplace || return 1
   fi
   echo "== build: $((SECONDS - start)) s for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST" | tee -a "$LOGDIR/build.log"
-  run_logged build python -c "import cem_ops, pprint; pprint.pprint(cem_ops.build_info())"
+  run_logged build "$PYTHON" -c "import cem_ops, pprint; pprint.pprint(cem_ops.build_info())"
 }
 
 stage_test() {
   : > "$LOGDIR/test.log"
-  run_logged test python -m pytest -q -x -ra tests/test_cuda_attention.py || return 1
-  run_logged test python -m pytest -q -ra tests
+  run_logged test "$PYTHON" -m pytest -q -x -ra tests/test_cuda_attention.py || return 1
+  run_logged test "$PYTHON" -m pytest -q -ra tests
 }
 
 stage_sanitize() {
@@ -102,22 +103,22 @@ stage_sanitize() {
   # No caching allocator: every tensor its own allocation, so out-of-bounds accesses are visible.
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
   local rc=0
-  run_logged sanitize timeout 540 "$SANITIZER" --tool memcheck --error-exitcode 1 python scripts/cuda_smoke.py || rc=1
+  run_logged sanitize timeout 540 "$SANITIZER" --tool memcheck --error-exitcode 1 "$PYTHON" scripts/cuda_smoke.py || rc=1
   run_logged sanitize timeout 540 "$SANITIZER" --tool racecheck --racecheck-report all --error-exitcode 1 \
-    python scripts/cuda_smoke.py --dtypes bf16,fp32 --head-dims 64,100 || rc=1
+    "$PYTHON" scripts/cuda_smoke.py --dtypes bf16,fp32 --head-dims 64,100 || rc=1
   run_logged sanitize timeout 300 "$SANITIZER" --tool synccheck --error-exitcode 1 \
-    python scripts/cuda_smoke.py --dtypes bf16 --head-dims 59 || rc=1
+    "$PYTHON" scripts/cuda_smoke.py --dtypes bf16 --head-dims 59 || rc=1
   return $rc
 }
 
 stage_bench() {
   : > "$LOGDIR/bench.log"
-  local name="cuda-$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")"
+  local name="cuda-$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")"
   local json="benchmarks/results/$name.json"
   # The quick slice (target model at 2k and 8k) fits one command; BENCH_FULL=1 runs the whole grid.
-  run_logged bench python -m pytest -q benchmarks/test_ceilings.py benchmarks/test_attention_speed.py \
+  run_logged bench "$PYTHON" -m pytest -q benchmarks/test_ceilings.py benchmarks/test_attention_speed.py \
     --bench-device cuda $([ -n "${BENCH_FULL:-}" ] || echo --bench-quick) --benchmark-json "$json" || return 1
-  run_logged bench python benchmarks/report.py "$json"
+  run_logged bench "$PYTHON" benchmarks/report.py "$json"
   cp "$json" "${json%.json}.md" "$LOGDIR/" 2>/dev/null
   [ -f "${json%.json}.png" ] && cp "${json%.json}.png" "$LOGDIR/"
   return 0

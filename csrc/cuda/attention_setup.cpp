@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that needs the cuBLAS/cuSPARSE headers
+#include <torch/version.h>
 
 #include <algorithm>
 #include <climits>
@@ -68,6 +69,9 @@ void warn_fallback(const char* op, const std::string& why, at::ScalarType dtype)
   }
 }
 
+// Low-precision operands, float32 output: cuBLAS accumulates in float32 either way. The
+// out_dtype overloads arrived in torch 2.8; older torch gets float32 operands instead.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
 at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b) {
   return a.scalar_type() == at::kFloat ? at::mm(a, b) : at::mm(a, b, at::kFloat);
 }
@@ -75,6 +79,11 @@ at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b) {
 at::Tensor bmm_f32(const at::Tensor& a, const at::Tensor& b) {
   return a.scalar_type() == at::kFloat ? at::bmm(a, b) : at::bmm(a, b, at::kFloat);
 }
+#else
+at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b) { return at::mm(a.to(at::kFloat), b.to(at::kFloat)); }
+
+at::Tensor bmm_f32(const at::Tensor& a, const at::Tensor& b) { return at::bmm(a.to(at::kFloat), b.to(at::kFloat)); }
+#endif
 
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "cem attention CUDA kernel '", what, "' failed to launch: ", cudaGetErrorString(err));
