@@ -48,6 +48,15 @@ def test_preconditioner_is_positive_and_starts_at_identity():
     with torch.no_grad():
         pre.rho.fill_(-50.0)
     assert (pre(torch.float32)[0] > 0).all()
+    # softplus(-20) = 2e-9 underflows in float16 (and below about -104 in float32): p stays a
+    # positive normal number there, and rho still gets a gradient.
+    with torch.no_grad():
+        pre.rho.fill_(-20.0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        p = pre(dtype)[0]
+        assert p.dtype == dtype and (p >= torch.finfo(dtype).tiny).all(), dtype
+    pre(torch.float16)[0].float().sum().backward()
+    assert pre.rho.grad is not None and (pre.rho.grad > 0).all()
     with pytest.raises(ValueError, match="precond must be one of"):
         Preconditioner(6, "full")
 
@@ -119,3 +128,28 @@ def test_ops_follow_autocast(rng):
     assert attention_out.dtype == mlp_out.dtype == energy.dtype == torch.bfloat16
     assert relative_error(attention_out, block.attention(x)) < 3e-2
     assert relative_error(mlp_out, block.mlp(x)) < 3e-2
+
+
+def test_backward_inside_autocast(rng):
+    """Autograd runs the backward under the caller's autocast state: the gradients must be the
+    same as with the backward outside it."""
+    torch.manual_seed(rng.initial_seed())
+    block = CEMBlock(
+        16, 2, attention_kwargs=dict(steps=2, precond="diag_lowrank"), mlp_kwargs=dict(steps=2, precond="diag")
+    )
+    x = torch.randn(2, 7, 16, generator=rng)
+
+    def gradients(backward_inside: bool) -> list[torch.Tensor]:
+        block.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = block(x).float().square().mean()
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        return [p.grad.clone() for p in block.parameters() if p.grad is not None]
+
+    outside, inside = gradients(False), gradients(True)
+    assert len(inside) == len(outside) > 0
+    for got, want in zip(inside, outside):
+        assert relative_error(got, want) < 1e-2

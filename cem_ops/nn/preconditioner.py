@@ -31,9 +31,18 @@ class Preconditioner(nn.Module):
         )
 
     def forward(self, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
-        p = None if self.rho is None else nn.functional.softplus(self.rho).to(dtype)
+        p = None if self.rho is None else _positive(nn.functional.softplus(self.rho), dtype)
         u = None if self.lowrank is None else self.lowrank.to(dtype)
         return p, u
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
+
+
+def _positive(p: Tensor, dtype: torch.dtype) -> Tensor:
+    """p in ``dtype``, at least its smallest normal number: softplus of a very negative rho
+    underflows to 0 (float16 below rho ~ -17), and P must stay positive definite. The gradient
+    passes through unchanged, so rho can still move back up."""
+    floor = max(torch.finfo(dtype).tiny, torch.finfo(p.dtype).tiny)
+    floored = p + (p.clamp_min(floor) - p).detach()
+    return floored.to(dtype)

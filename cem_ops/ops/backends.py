@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -20,7 +21,18 @@ def has_compiled_kernel(op: str, device: str) -> bool:
 def register_reference_fallback(op: str, fn: Callable) -> None:
     """Run the reference for every backend that has no compiled kernel of its own (compiled
     CPU and CUDA kernels are registered on their own keys and take precedence)."""
-    _fallback_lib.impl(op, fn, "CompositeExplicitAutograd")
+
+    @functools.wraps(fn)
+    def in_input_dtype(*args):
+        # Like the compiled kernels: compute in the inputs' dtype even when autograd runs this
+        # backward under the caller's torch.autocast.
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        if device not in ("cpu", "cuda"):
+            return fn(*args)
+        with torch.autocast(device, enabled=False):
+            return fn(*args)
+
+    _fallback_lib.impl(op, in_input_dtype, "CompositeExplicitAutograd")
 
 
 def register_no_double_backward(op: str) -> None:

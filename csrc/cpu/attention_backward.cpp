@@ -10,6 +10,7 @@
 
 #include "cpu/attention_glue.h"
 #include "cpu/preconditioner.h"
+#include "ops/autocast_off.h"
 #include "ops/saved_state.h"
 
 namespace cem::cpu {
@@ -128,6 +129,7 @@ Grads attention_bwd_cpu(
     const OptTensor& diag, const OptTensor& alibi_slopes, const OptTensor& precond_diag,
     const OptTensor& precond_lowrank, const at::Tensor& step_size, std::optional<double> scale,
     const at::Tensor& iterates, const at::Tensor& head_outputs, const at::Tensor& diag_values, const at::Tensor& lse) {
+  const AutocastOff autocast_off;
   const AttentionSizes s = check_attention_args(
       "cem::attention_bwd", x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale);
   check_attention_state("cem::attention_bwd", s, x, grad_out, iterates, head_outputs, diag_values, lse);

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "cpu/attention_glue.h"
+#include "ops/autocast_off.h"
 #include "ops/saved_state.h"
 
 namespace cem::cpu {
@@ -80,6 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_k, const OptTensor& diag,
     const OptTensor& alibi_slopes, const OptTensor& precond_diag, const OptTensor& precond_lowrank,
     const at::Tensor& step_size, std::optional<double> scale, bool save_for_backward) {
+  const AutocastOff autocast_off;
   const AttentionSizes s = check_attention_args(
       "cem::attention_fwd", x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale);
   AttentionState state = allocate_attention_state(x, s, save_for_backward);

@@ -17,6 +17,7 @@
 
 #include "cpu/preconditioner.h"
 #include "cpu/tensor_utils.h"
+#include "ops/autocast_off.h"
 #include "ops/checks.h"
 #include "ops/saved_state.h"
 
@@ -54,6 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_fwd_cpu(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& v, const OptTensor& precond_diag,
     const OptTensor& precond_lowrank, const at::Tensor& step_size, c10::string_view activation_name,
     bool save_for_backward) {
+  const AutocastOff autocast_off;
   const std::string name(activation_name);
   const MlpSizes s = check_mlp_args("cem::mlp_fwd", x, w, v, precond_diag, precond_lowrank, step_size, name);
   const Activation act = parse_activation("cem::mlp_fwd", name);
@@ -88,6 +90,7 @@ MlpGrads mlp_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& v,
     const OptTensor& precond_diag, const OptTensor& precond_lowrank, const at::Tensor& step_size,
     c10::string_view activation_name, const at::Tensor& iterates, const at::Tensor& neg_grads) {
+  const AutocastOff autocast_off;
   const std::string name(activation_name);
   const MlpSizes s = check_mlp_args("cem::mlp_bwd", x, w, v, precond_diag, precond_lowrank, step_size, name);
   const Activation act = parse_activation("cem::mlp_bwd", name);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cuda/attention_setup.h"
+#include "ops/autocast_off.h"
 #include "ops/saved_state.h"
 
 namespace cem::cuda {
@@ -106,6 +107,7 @@ BwdResult attention_bwd_cuda(
     const OptTensor& diag, const OptTensor& alibi_slopes, const OptTensor& precond_diag,
     const OptTensor& precond_lowrank, const at::Tensor& step_size, std::optional<double> scale,
     const at::Tensor& iterates, const at::Tensor& head_outputs, const at::Tensor& diag_values, const at::Tensor& lse) {
+  const AutocastOff autocast_off;
   constexpr const char* kOp = "cem::attention_bwd";
   const auto s = check_attention_args(kOp, x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale);
   check_attention_state(kOp, s, x, grad_out, iterates, head_outputs, diag_values, lse);

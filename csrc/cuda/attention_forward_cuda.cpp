@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cuda/attention_setup.h"
+#include "ops/autocast_off.h"
 #include "ops/saved_state.h"
 
 namespace cem::cuda {
@@ -55,6 +56,7 @@ FwdResult attention_fwd_cuda(
     const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_k, const OptTensor& diag,
     const OptTensor& alibi_slopes, const OptTensor& precond_diag, const OptTensor& precond_lowrank,
     const at::Tensor& step_size, std::optional<double> scale, bool save_for_backward) {
+  const AutocastOff autocast_off;
   constexpr const char* kOp = "cem::attention_fwd";
   const auto s = check_attention_args(kOp, x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale);
   std::string why;
