@@ -2,7 +2,7 @@
 
 Every test draws fresh random inputs. A kernel is judged by the relative error
 ||got - want|| / ||want|| against the reference run in float64 on the same (rounded) inputs.
-Lower precisions are also allowed twice the reference's own error in that dtype (error_bound in
+Lower precisions are also allowed a multiple of the reference's own error in that dtype (error_bound in
 cem_ops.testing, where the tolerances live): the
 precision rule (iterates and saved state rounded to the input dtype, docs/backward.md) costs
 the reference exactly as much, and ill-conditioned sums such as d(step_size) amplify it.

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from cem_lm import LanguageModel, ModelConfig, TrainConfig, parameter_counts  # noqa: E402
+from cem_lm.errors import RunError  # noqa: E402
 from cem_lm.data import SPLITS, eval_windows, list_source_files, load_corpus, split_of  # noqa: E402
 from cem_lm.trainer import train_run  # noqa: E402
 from cem_lm.train import build_parser, configs_from_args  # noqa: E402
@@ -113,7 +114,7 @@ def test_resume_continues_identically(corpus, tmp_path):
 
 
 def test_resume_without_checkpoint_is_an_error(corpus, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(RunError, match="no checkpoint"):
         train_run(SMALL, QUICK, tmp_path, device="cpu", corpus=corpus, resume=True, show_progress=False)
 
 
@@ -185,3 +186,65 @@ def test_plots_are_skipped_without_matplotlib(monkeypatch, tmp_path, capsys):
     assert plot_run(history, tmp_path / "a.png", "t") is False
     assert "skipping plots" in capsys.readouterr().err
     assert not (tmp_path / "a.png").exists()
+
+
+def test_configs_reject_values_that_cannot_train():
+    for overrides, message in (({"steps": 0}, "steps must be >= 1"), ({"lr": float("nan")}, "lr must be"),
+                               ({"warmup_steps": -1}, "warmup_steps must be >= 0"),
+                               ({"test_tokens": 0}, "test_tokens must be")):
+        with pytest.raises(ValueError, match=message):
+            replace(QUICK, **overrides)
+    for overrides, message in (({"heads": 0}, "heads must be >= 1"), ({"seq_len": 0}, "seq_len must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            replace(SMALL, **overrides)
+
+
+def test_user_errors_are_run_errors(corpus, tmp_path):
+    with pytest.raises(RunError, match="longer than the"):
+        train_run(replace(SMALL, seq_len=10**9), QUICK, tmp_path / "long", device="cpu", corpus=corpus,
+                  show_progress=False, plot=False)
+    with pytest.raises(RunError, match="not a device"):
+        train_run(SMALL, QUICK, tmp_path / "dev", device="banana", corpus=corpus, show_progress=False, plot=False)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "checkpoint.pt").write_text("not a checkpoint")
+    with pytest.raises(RunError, match="not a readable checkpoint"):
+        train_run(SMALL, QUICK, bad, device="cpu", corpus=corpus, resume=True, show_progress=False, plot=False)
+
+
+def test_cli_does_not_overwrite_a_run_silently(corpus, tmp_path, capsys):
+    from cem_lm.train import main
+
+    out = tmp_path / "run"
+    train_run(SMALL, QUICK, out, device="cpu", corpus=corpus, show_progress=False, plot=False)
+    with pytest.raises(SystemExit):
+        main(["--out", str(out), "--quiet", "--no-plot"])
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_grid_refuses_runs_with_another_configuration(corpus, tmp_path):
+    from cem_lm.experiments import conflicting_runs, run_configs
+
+    runs = tmp_path / "runs"
+    model_cfg, train_cfg = run_configs("tiny", "llama", 0, {"steps": 2})
+    train_run(replace(model_cfg, seq_len=16), train_cfg, runs / "llama" / "seed0", device="cpu", corpus=corpus,
+              stop_at=1, show_progress=False, plot=False)
+    assert conflicting_runs([("llama", 0)], "tiny", {"steps": 2}, runs) == ["llama/seed0"]
+    train_run(model_cfg, train_cfg, runs / "llama" / "seed0", device="cpu", corpus=corpus, stop_at=1,
+              show_progress=False, plot=False)
+    assert conflicting_runs([("llama", 0)], "tiny", {"steps": 2}, runs) == []
+    assert conflicting_runs([("llama", 0)], "tiny", {"steps": 3}, runs) == ["llama/seed0"]
+
+
+def test_first_interrupt_asks_to_stop_second_aborts():
+    import os
+    import signal
+
+    from cem_lm.interrupt import StopOnInterrupt
+
+    with StopOnInterrupt() as interrupt:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupt.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

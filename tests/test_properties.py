@@ -46,7 +46,7 @@ def test_attention_matches_reference_anywhere(case, seed):
     got = torch.autograd.grad(out, inputs.differentiable(), grad_out.to(case.dtype))
     expected = torch.autograd.grad(want, ref_inputs.differentiable(), grad_out)
     # Random configurations can be ill-conditioned: float32 gradients are held to the contract's
-    # tolerance or twice the error of the reference itself run in float32, whichever is larger.
+    # tolerance or error_bound's multiple of the reference's own float32 error, whichever is larger.
     plain = [0.0] * len(expected)
     if case.dtype == torch.float32:
         plain_out = reference.attention(*inputs.args())

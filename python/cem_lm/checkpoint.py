@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import RunError
+
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -35,8 +37,18 @@ def save_checkpoint(path: Path, **state):
     os.replace(tmp, path)
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "history", "train_seconds", "rng", "model_config", "train_config")
+
+
 def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint to resume from at {path}")
-    # Our own file; it holds Python RNG state and config dicts, not only tensors.
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise RunError(f"no checkpoint to resume from at {path}")
+    try:
+        # Our own file; it holds Python RNG state and config dicts, not only tensors.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated, not a torch file, unpicklable: all the same to the user
+        raise RunError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise RunError(f"{path} is not a cem_lm checkpoint (missing {missing})")
+    return state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 ATTENTIONS = ("llama", "cem")
@@ -55,10 +56,11 @@ class ModelConfig:
             raise ValueError(f"position must be one of {POSITIONS} or None, got {self.position!r}")
         if self.attention == "cem" and self.position == "rope":
             raise ValueError("CEM attention supports position 'alibi' or 'none', not 'rope'")
+        _require_at_least(self, 1, "dim", "layers", "heads", "seq_len", "precond_rank", "reuse_times")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
-        if self.reuse_times < 1:
-            raise ValueError(f"reuse_times must be >= 1, got {self.reuse_times}")
+        if not math.isfinite(self.step_size_init):
+            raise ValueError(f"step_size_init must be finite, got {self.step_size_init}")
 
     @property
     def resolved_position(self) -> str:
@@ -94,6 +96,27 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+
+    def __post_init__(self):
+        _require_at_least(self, 1, "steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every")
+        _require_at_least(self, 0, "warmup_steps")
+        if self.test_tokens is not None and self.test_tokens < 1:
+            raise ValueError(f"test_tokens must be >= 1 or None (the whole test split), got {self.test_tokens}")
+        for name in ("lr", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite positive number, got {value}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
+        if not 0 < self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in (0, 1], got {self.min_lr_ratio}")
+
+
+def _require_at_least(config, low: int, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
 PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {

@@ -47,7 +47,8 @@ def plot_val_curves(panels: dict[str, dict], path: Path, title: str) -> bool:
         tails = []
         for i, (name, (steps, mean, std)) in enumerate(curves.items()):
             color = cmap(i % 10)
-            ax.plot(steps, mean, "-" if i < 10 else "--", color=color, label=name, lw=1.2)
+            # A marker too: a grid with one evaluation per run has no line to draw.
+            ax.plot(steps, mean, "-" if i < 10 else "--", color=color, label=name, lw=1.2, marker=".")
             ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=color, alpha=0.12)
             tails += mean[len(mean) // 3 :]

@@ -61,6 +61,11 @@ def val_curves(variants: list[Variant], records: list[dict], group: str | None =
     return curves
 
 
+def spread(std: float, count: int) -> str:
+    """' ± std', or a note where one value has no spread."""
+    return f" ± {std:.4f}" if count > 1 else " (one seed)"
+
+
 def markdown_table(summary: dict[str, dict]) -> str:
     lines = [
         "| variant | what | total params | attention params | MLP params | test bpb (mean ± std) | "
@@ -72,11 +77,11 @@ def markdown_table(summary: dict[str, dict]) -> str:
         delta = "–"
         if "delta_vs_compare_to_mean_std" in e:
             d_mean, d_std = e["delta_vs_compare_to_mean_std"]
-            delta = f"{d_mean:+.4f} ± {d_std:.4f} vs {e['compare_to']}"
+            delta = f"{d_mean:+.4f}{spread(d_std, len(e['delta_vs_compare_to']))} vs {e['compare_to']}"
         p = e["params"]
         lines.append(
             f"| {name} | {e['description']} | {p['total']:,} | {p['attention']:,} | {p['mlp']:,} | "
-            f"{mean:.4f} ± {std:.4f} | {delta} | {e['tokens_per_second_best']:,.0f} "
+            f"{mean:.4f}{spread(std, len(e['test_bpb']))} | {delta} | {e['tokens_per_second_best']:,.0f} "
             f"({e['tokens_per_second_mean_std'][0]:,.0f}) |"
         )
     return "\n".join(lines)

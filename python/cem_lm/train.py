@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import CHECKPOINT_NAME
 from .config import ATTENTIONS, DIAGS, MLPS, POSITIONS, PRECONDS, PRESETS, REUSES, STEPS, with_overrides
-from .trainer import train_run
+from .errors import RunError
+from .trainer import resolve_device, train_run
 from .variants import VARIANTS_BY_NAME
 
 # CLI flag -> ModelConfig / TrainConfig field; None-valued flags keep the preset's value.
@@ -24,6 +26,13 @@ TRAIN_FLAGS = ("steps", "batch_size", "lr", "warmup_steps", "weight_decay", "gra
                "eval_batches", "test_tokens", "checkpoint_every", "seed", "precision")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="sizes and schedule (default: tiny)")
@@ -31,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, results.json, loss.png)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt with its own config")
-    p.add_argument("--stop-at", type=int, help="stop after this step, leaving a checkpoint to --resume from")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--overwrite", action="store_true", help="start over in an OUT that already holds a run")
+    p.add_argument("--stop-at", type=positive_int, help="stop after this step, leaving a checkpoint to --resume from")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress line")
 
@@ -89,22 +99,36 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg, train_cfg = configs_from_args(args)
     except ValueError as err:
         parser.error(str(err))
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+    if args.resume and not (args.out / CHECKPOINT_NAME).is_file():
+        parser.error(f"--resume: no checkpoint at {args.out / CHECKPOINT_NAME}")
+    existing = [name for name in (CHECKPOINT_NAME, "results.json") if (args.out / name).is_file()]
+    if existing and not (args.resume or args.overwrite):
+        parser.error(f"{args.out} already holds a run ({', '.join(existing)}): "
+                     "--resume continues it, --overwrite starts over")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.resume and not (args.out / "checkpoint.pt").is_file():
-        parser.error(f"--resume: no checkpoint at {args.out / 'checkpoint.pt'}")
     ignored = [f for f in (*MODEL_FLAGS, *TRAIN_FLAGS, "variant") if getattr(args, f) is not None]
     if args.resume and ignored:
         print(f"notice: --resume continues with the checkpoint's own configuration; ignoring {ignored}",
               file=sys.stderr)
-    results = train_run(model_cfg, train_cfg, args.out, device=args.device, resume=args.resume,
-                        stop_at=args.stop_at, plot=not args.no_plot, show_progress=not args.quiet)
+    try:
+        resolve_device(args.device)
+        results = train_run(model_cfg, train_cfg, args.out, device=args.device, resume=args.resume,
+                            stop_at=args.stop_at, plot=not args.no_plot, show_progress=not args.quiet)
+    except RunError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     summary = {k: results[k] for k in ("finished", "step", "tokens_per_second", "params") if k in results}
     if results["finished"]:
         summary.update(test_bpb=results["test_bpb"], final_val_bpb=results["final_val_bpb"])
     print(json.dumps(summary, indent=1))
     print(f"results: {args.out / 'results.json'}", file=sys.stderr)
-    return 0
+    if not results["finished"]:
+        why = "interrupted" if results["interrupted"] else f"stopped (--stop-at {args.stop_at})"
+        print(f"{why} at step {results['step']} of {results['train_config']['steps']}; "
+              f"continue with: --out {args.out} --resume", file=sys.stderr)
+    return 130 if results["interrupted"] else 0
 
 
 if __name__ == "__main__":

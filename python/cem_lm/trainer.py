@@ -16,6 +16,8 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng, rng_state
 from .config import ModelConfig, TrainConfig, config_from_dict
 from .data import Corpus, eval_windows, load_corpus, manifest_summary, sample_batch
 from .evaluate import autocast_context, bits_per_byte, mean_loss, next_byte_loss
+from .errors import RunError
+from .interrupt import StopOnInterrupt
 from .model import LanguageModel, parameter_counts
 from .optim import make_optimizer
 from .plots import plot_run
@@ -23,12 +25,51 @@ from .progress import Progress
 from .schedule import learning_rate
 
 
+RUN_CONFIG_NAME = "config.json"
+
+
+def saved_configs(out_dir: Path) -> tuple[ModelConfig, TrainConfig] | None:
+    """The configuration of the run in out_dir (from config.json, else results.json), or None."""
+    for name in (RUN_CONFIG_NAME, "results.json"):
+        path = Path(out_dir) / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            return config_from_dict(ModelConfig, data["model_config"]), config_from_dict(TrainConfig, data["train_config"])
+    return None
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for, but torch sees no CUDA device")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise RunError(f"--device {name!r} is not a device torch knows ({error})") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"--device {name!r} was asked for, but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RunError(f"--device {name!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise RunError(f"--device {name!r}: only cpu and cuda devices are supported")
+    return device
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Create the run directory and make sure it takes files, before any training time is spent."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise RunError(f"cannot write to {out_dir}: {error.strerror or error}") from error
+
+
+def check_data_fits(corpus: Corpus, seq_len: int) -> None:
+    """Every split must hold at least one window of seq_len + 1 bytes."""
+    for split, stream in corpus.tokens.items():
+        if stream.numel() < seq_len + 2:
+            raise RunError(f"seq_len {seq_len} is longer than the {split} split ({stream.numel():,} bytes)")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -67,7 +108,7 @@ def train_run(
     train_cfg.steps as if never stopped); the results then carry "finished": False and no test score.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(out_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
     checkpoint = load_checkpoint(ckpt_path) if resume else None
     if checkpoint is not None:
@@ -78,6 +119,11 @@ def train_run(
     dev = resolve_device(device)
     precision = resolve_precision(train_cfg.precision, dev)
     corpus = corpus if corpus is not None else load_corpus()
+    check_data_fits(corpus, model_cfg.seq_len)
+    # Which run lives here, readable without loading the checkpoint (the grid runner checks it).
+    (out_dir / RUN_CONFIG_NAME).write_text(
+        json.dumps({"model_config": asdict(model_cfg), "train_config": asdict(train_cfg)}, indent=1)
+    )
     torch.manual_seed(train_cfg.seed)
     random.seed(train_cfg.seed)
     sampler = torch.Generator().manual_seed(train_cfg.seed)
@@ -103,41 +149,46 @@ def train_run(
     tokens_per_step = train_cfg.batch_size * model_cfg.seq_len
     progress = Progress(train_cfg.steps, label, enabled=show_progress)
     model.train()
-    while step < last:
-        lr = learning_rate(step, train_cfg.steps, train_cfg.lr, train_cfg.warmup_steps, train_cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        inputs, targets = sample_batch(corpus.tokens["train"], train_cfg.batch_size, model_cfg.seq_len, sampler)
-        _sync(dev)
-        started = time.perf_counter()
-        with autocast_context(dev, precision):
-            loss = next_byte_loss(model, inputs.to(dev), targets.to(dev))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-        optimizer.step()
-        loss_value = loss.item()  # also synchronizes
-        train_seconds += time.perf_counter() - started
-        step += 1
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step} ({label or out_dir})")
-        history["train_step"].append(step)
-        history["train_bpb"].append(bits_per_byte(loss_value))
-        history["lr"].append(lr)
-        if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
-            val = mean_loss(model, val_windows, train_cfg.batch_size, dev, precision)
-            history["val_step"].append(step)
-            history["val_bpb"].append(bits_per_byte(val))
-        if step % train_cfg.checkpoint_every == 0 or step == last:
-            checkpoint_now()
-        val_text = f"{history['val_bpb'][-1]:.3f}" if history["val_bpb"] else "-"
-        progress.update(step, bpb=f"{bits_per_byte(loss_value):.3f}", val=val_text, lr=f"{lr:.2e}",
-                        tok_s=f"{step * tokens_per_step / max(train_seconds, 1e-9):,.0f}")
+    with StopOnInterrupt() as interrupt:
+        while step < last:
+            lr = learning_rate(step, train_cfg.steps, train_cfg.lr, train_cfg.warmup_steps, train_cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            inputs, targets = sample_batch(corpus.tokens["train"], train_cfg.batch_size, model_cfg.seq_len, sampler)
+            _sync(dev)
+            started = time.perf_counter()
+            with autocast_context(dev, precision):
+                loss = next_byte_loss(model, inputs.to(dev), targets.to(dev))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            optimizer.step()
+            loss_value = loss.item()  # also synchronizes
+            train_seconds += time.perf_counter() - started
+            step += 1
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {loss_value} at step {step} ({label or out_dir})")
+            history["train_step"].append(step)
+            history["train_bpb"].append(bits_per_byte(loss_value))
+            history["lr"].append(lr)
+            if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
+                val = mean_loss(model, val_windows, train_cfg.batch_size, dev, precision)
+                history["val_step"].append(step)
+                history["val_bpb"].append(bits_per_byte(val))
+            if step % train_cfg.checkpoint_every == 0 or step == last:
+                checkpoint_now()
+            val_text = f"{history['val_bpb'][-1]:.3f}" if history["val_bpb"] else "-"
+            progress.update(step, bpb=f"{bits_per_byte(loss_value):.3f}", val=val_text, lr=f"{lr:.2e}",
+                            tok_s=f"{step * tokens_per_step / max(train_seconds, 1e-9):,.0f}")
+            if interrupt.requested:
+                checkpoint_now()
+                break
     progress.close()
 
     finished = step >= train_cfg.steps
     results = {
         "finished": finished,
+        "interrupted": interrupt.requested and not finished,
         "step": step,
         "model_config": asdict(model_cfg),
         "position": model_cfg.resolved_position,
