@@ -34,9 +34,8 @@ def pytest_generate_tests(metafunc):
     device = bench_device(metafunc.config)
     quick = metafunc.config.getoption("--bench-quick")
     grid = harness.cuda_grid(quick) if device == "cuda" else harness.cpu_grid(quick)
-    impls = harness.IMPLEMENTATIONS if device == "cuda" else ("reference", "ours")
     metafunc.parametrize("bench_config", grid, ids=lambda c: c.label)
-    metafunc.parametrize("impl", impls)
+    metafunc.parametrize("impl", harness.IMPLEMENTATIONS)
     metafunc.parametrize("mode", harness.MODES)
 
 

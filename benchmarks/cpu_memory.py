@@ -1,7 +1,8 @@
 """Peak CPU memory of one forward+backward call, ours against the dense reference, as N grows:
 the fused CPU path must stay linear in N (issue: N = 16k in bounded memory).
 
-    python benchmarks/cpu_memory.py        # writes benchmarks/results/cpu-memory.{json,md}
+    python benchmarks/cpu_memory.py                     # writes benchmarks/results/cpu-memory.{json,md}
+    python benchmarks/cpu_memory.py --seqs 1024 2048 --out /tmp/mem    # /tmp/mem.{json,md}
 
 Memory is counted by cem_testing::cpu_allocation_probe, which wraps the CPU allocator: the peak of
 tensor bytes allocated during the call and alive at once (inputs made before the call excluded).
@@ -11,6 +12,7 @@ is not run, and the prediction is recorded instead.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -28,12 +30,26 @@ from cem_ops.testing import cpu_peak_bytes  # noqa: E402
 SEQS = (2048, 8192, 16384)
 
 
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Peak CPU memory of one forward+backward call as N grows, "
+                                     "ours against the dense reference.")
+    parser.add_argument("--seqs", type=int, nargs="+", default=list(SEQS), help=f"sequence lengths (default {SEQS})")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS / "cpu-memory",
+                        help="output path without suffix (default benchmarks/results/cpu-memory)")
+    args = parser.parse_args()
+    if any(n < 1 for n in args.seqs):
+        parser.error("--seqs must be positive")
+    return args
+
+
 def main() -> None:
+    args = parse_args()
+    seqs = sorted(set(args.seqs))
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     rows = []
     for impl in ("ours", "reference"):
         previous = None
-        for seq in SEQS:
+        for seq in seqs:
             config = harness.Config(1, seq, 256, 4, 64, 2, "shared", True, torch.float32, "cpu")
             predicted = None if previous is None else 4 * previous
             if impl == "reference" and predicted is not None and predicted > ram / 2:
@@ -48,14 +64,15 @@ def main() -> None:
             rows.append(dict(impl=impl, seq=seq, peak_bytes=peak, predicted_bytes=None, seconds=seconds))
             print(f"{impl:9s} N={seq:6d} peak {peak / 2**20:9.1f} MiB  ({seconds:.1f} s)", flush=True)
 
-    out = harness.RESULTS / "cpu-memory"
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     identity = harness.machine_identity("cpu")
     config = "B=1, D=256, H=4, Dh=64, T=2, shared diagonal, ALiBi, float32, forward+backward"
     out.with_suffix(".json").write_text(json.dumps(dict(machine=identity, config=config, rows=rows), indent=1))
     lines = [f"# CPU peak memory, {config}", "", f"Machine: {identity['cpu']} ({identity['cpu_count']} cores), "
              f"torch {identity['torch']}, git {identity['git']['sha'][:10]}", "",
              "| N | ours peak MiB | reference peak MiB | reference / ours |", "|---|---|---|---|"]
-    for seq in SEQS:
+    for seq in seqs:
         ours = next(r for r in rows if r["impl"] == "ours" and r["seq"] == seq)
         ref = next(r for r in rows if r["impl"] == "reference" and r["seq"] == seq)
         if ref["peak_bytes"] is None:

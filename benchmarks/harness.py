@@ -26,7 +26,7 @@ import torch
 import cem_ops
 from cem_ops import machine
 from cem_ops.nn import LlamaAttention
-from cem_ops.testing import AttentionCase, attention_flops, llama_attention_flops
+from cem_ops.testing import AttentionCase, attention_flops, cpu_peak_bytes, llama_attention_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -185,8 +185,11 @@ def make_call(impl: str, config: Config, mode: str, generator: torch.Generator) 
     return run
 
 
-def peak_cuda_bytes(run: Callable[[], None]) -> int:
-    """Peak device memory of one call beyond what was allocated before it."""
+def peak_bytes(run: Callable[[], None], device: str) -> int:
+    """Peak memory of one call beyond what was allocated before it: the CUDA caching allocator's
+    statistics, or on CPU every allocation through the CPU allocator (cem_ops.testing)."""
+    if device != "cuda":
+        return cpu_peak_bytes(run)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()

@@ -12,7 +12,12 @@ from pathlib import Path
 
 
 def load(path: Path) -> tuple[dict, list[dict]]:
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"report.py: {path} is not a readable pytest-benchmark JSON ({error})") from None
+    if "benchmarks" not in data:
+        raise SystemExit(f"report.py: {path} has no 'benchmarks' list: not a pytest-benchmark JSON")
     rows = []
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
@@ -116,6 +121,12 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def machine_text(identity: dict) -> str:
+    """The CPU model as text; a GPU's description (name, clocks, driver) as compact JSON."""
+    device = identity.get("gpu") or identity.get("cpu")
+    return device if isinstance(device, str) else f"`{json.dumps(device)}`"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", type=Path)
@@ -125,7 +136,7 @@ def main() -> None:
     ceiling_rows = [r for r in all_rows if r.get("kind") == "ceiling"]
     identity = machine.get("cem_ops", {})
     header = [f"# CEM attention benchmark: {args.json.stem}", "",
-              f"Machine: `{json.dumps(identity.get('gpu') or identity.get('cpu'))}`", "",
+              f"Machine: {machine_text(identity)}", "",
               f"torch {identity.get('torch')}, CUDA {identity.get('cuda')}, git {identity.get('git', {}).get('sha')}, "
               f"kernels {json.dumps(identity.get('cem_ops_build', {}).get('kernels', {}).get('attention_fwd'))}, "
               f"{identity.get('date_utc')}", "",

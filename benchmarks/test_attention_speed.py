@@ -1,5 +1,5 @@
-"""Speed (and, on CUDA, peak memory) of one CEM attention call: reference, stock PyTorch, a
-Llama layer and ours, side by side in one run. See harness.py for the conventions.
+"""Speed and peak memory of one CEM attention call: reference, stock PyTorch, a Llama layer and
+ours, side by side in one run. See harness.py for the conventions.
 
     pytest benchmarks/test_attention_speed.py --benchmark-json benchmarks/results/<name>.json
     python benchmarks/report.py benchmarks/results/<name>.json
@@ -36,7 +36,7 @@ def test_attention(benchmark, bench_config: harness.Config, impl: str, mode: str
     generator = torch.Generator().manual_seed(0)
     run = harness.make_call(impl, config, mode, generator)
     run()  # warm-up: compilation, allocator, handles
-    peak = harness.peak_cuda_bytes(run) if config.device == "cuda" else None
+    peak = harness.peak_bytes(run, config.device)
     benchmark.extra_info.update(
         impl=impl,
         mode=mode,

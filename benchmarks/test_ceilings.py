@@ -3,9 +3,16 @@ rate (bf16 on CUDA, float32 on CPU) and its memory-copy bandwidth, measured in t
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import harness
+
+
+@pytest.fixture(autouse=True)
+def _needs_the_device(ceiling_device: str):
+    if ceiling_device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
 
 
 def test_matmul_rate(benchmark, ceiling_device: str):

@@ -209,8 +209,8 @@ def attention_flops(batch: int, seq: int, dim: int, heads: int, head_dim: int, s
     """Useful forward FLOPs of one attention call (2 per multiply-add), causal half of the scores.
 
     Projections: K once (B N D HDh), per step Q and the output W_Q^T o (2 B N D HDh).
-    Core per step and head: scores and P K over the causal half, 2 * (N^2/2) * Dh each.
-    Shared diagonal per step: its score term and Pbar c, 2 * (N^2/2) * D each, once for all heads;
+    Core per step and head: scores and P K over the N (N + 1) / 2 causal pairs, 2 * pairs * Dh each.
+    Shared diagonal per step: its score term and Pbar c, 2 * pairs * D each, once for all heads;
     per-head diagonal: the same for every head.
     """
     causal_pairs = batch * seq * (seq + 1) / 2
