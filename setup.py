@@ -1,8 +1,9 @@
 """Builds cem_ops._C by driving CMake + Ninja (CMakeLists.txt is the one build description).
 
 Environment:
-  CEM_OPS_CUDA=0|1        force the CUDA kernels off or on (default: on when torch has CUDA and nvcc is found)
-  TORCH_CUDA_ARCH_LIST    e.g. "8.0;9.0a" (the default) or "9.0a"; "+PTX" adds PTX for that arch
+  CEM_OPS_CUDA=0|1        force the CUDA kernels off or on (also off/on, false/true, no/yes; default: on
+                          when torch has CUDA and nvcc is found)
+  TORCH_CUDA_ARCH_LIST    e.g. "8.0;9.0a" (the default) or "9.0a"; "+PTX" adds PTX for that arch; 8.0 or newer
   CUDA_HOME               CUDA toolkit root (default: /usr/local/cuda, else nvcc on PATH)
   MAX_JOBS                parallel compile jobs (default: bounded by cores and free memory)
   CEM_OPS_CUDA_DTYPES     e.g. "bf16" or "fp32;fp16;bf16" (default): dtypes of the CUDA attention kernels
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,22 +37,36 @@ def load_module(name: str, path: Path):
 
 
 def find_nvcc() -> str | None:
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    candidates = [Path(cuda_home) / "bin" / "nvcc"] if cuda_home else []
-    candidates.append(Path("/usr/local/cuda/bin/nvcc"))
-    for candidate in candidates:
-        if candidate.is_file():
-            return str(candidate)
-    return shutil.which("nvcc")
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        cuda_home = os.environ.get(variable)
+        if cuda_home:  # the user's choice: use it or say why not, never fall back silently
+            nvcc = Path(cuda_home) / "bin" / "nvcc"
+            if not nvcc.is_file():
+                raise RuntimeError(f"{variable}={cuda_home!r} has no bin/nvcc")
+            return str(nvcc)
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.is_file() else shutil.which("nvcc")
+
+
+def env_switch(name: str) -> bool | None:
+    """A boolean environment switch: None when unset or empty."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return None
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise RuntimeError(f"{name} must be 0 or 1 (or off/on, false/true, no/yes), got {os.environ[name]!r}")
 
 
 def cuda_enabled(torch_module) -> tuple[bool, str | None]:
-    flag = os.environ.get("CEM_OPS_CUDA", "").strip()
-    nvcc = find_nvcc()
-    if flag == "0":
+    flag = env_switch("CEM_OPS_CUDA")
+    if flag is False:
         return False, None
+    nvcc = find_nvcc()
     if torch_module.version.cuda is None or nvcc is None:
-        if flag == "1":
+        if flag:
             raise RuntimeError(
                 f"CEM_OPS_CUDA=1 but torch {torch_module.__version__} has no CUDA"
                 if torch_module.version.cuda is None
@@ -60,14 +76,23 @@ def cuda_enabled(torch_module) -> tuple[bool, str | None]:
     return True, nvcc
 
 
+ARCH_PATTERN = re.compile(r"(\d+)\.(\d)(a?)(\+PTX)?", re.IGNORECASE)
+MIN_CUDA_ARCH = (8, 0)  # the kernels use bf16 tensor-core (WMMA) instructions
+
+
 def cmake_cuda_architectures(arch_list: str) -> str:
     """"8.0;9.0a+PTX" -> "80-real;90a-real;90a-virtual" (PTX only where asked)."""
     archs = []
     for item in arch_list.replace(",", ";").replace(" ", ";").split(";"):
         if not item:
             continue
-        ptx = item.endswith("+PTX")
-        number = item.removesuffix("+PTX").replace(".", "")
+        match = ARCH_PATTERN.fullmatch(item)
+        if not match:
+            raise RuntimeError(f"TORCH_CUDA_ARCH_LIST: {item!r} is not an architecture like 8.0, 9.0a or 9.0+PTX")
+        major, minor, suffix, ptx = match.groups()
+        if (int(major), int(minor)) < MIN_CUDA_ARCH:
+            raise RuntimeError(f"TORCH_CUDA_ARCH_LIST: {item} is older than the kernels support (8.0 or newer)")
+        number = f"{major}{minor}{suffix.lower()}"
         archs.append(f"{number}-real")
         if ptx:
             archs.append(f"{number}-virtual")
@@ -77,10 +102,22 @@ def cmake_cuda_architectures(arch_list: str) -> str:
 
 
 def parallel_jobs() -> int:
-    if os.environ.get("MAX_JOBS"):
-        return max(1, int(os.environ["MAX_JOBS"]))
+    if os.environ.get("MAX_JOBS", "").strip():
+        value = os.environ["MAX_JOBS"].strip()
+        if not value.isdigit() or int(value) < 1:
+            raise RuntimeError(f"MAX_JOBS must be a positive integer, got {os.environ['MAX_JOBS']!r}")
+        return int(value)
     available_gb = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
     return max(1, min(os.cpu_count() or 1, int(available_gb // MEMORY_PER_JOB_GB)))
+
+
+def torch_requirement() -> str:
+    """The binary only loads with the torch it was compiled against: a wheel says so."""
+    try:
+        import torch
+    except ImportError:  # metadata without a build
+        return "torch>=2.6"
+    return f"torch=={torch.__version__.split('+')[0]}"
 
 
 class CMakeExtension(Extension):
@@ -94,6 +131,7 @@ class CMakeBuild(build_ext):
 
         output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = ROOT / "build" / f"cmake-py{sys.version_info.major}{sys.version_info.minor}"
+        jobs = parallel_jobs()  # settings are checked before anything compiles
         with_cuda, nvcc = cuda_enabled(torch)
         source_hash = load_module("_source_hash", ROOT / "cem_ops" / "_source_hash.py").source_hash(ROOT)
         args = [
@@ -112,9 +150,9 @@ class CMakeBuild(build_ext):
             args.append(f"-DCEM_OPS_PTXAS_VERBOSE={'ON' if os.environ.get('CEM_OPS_PTXAS_VERBOSE') == '1' else 'OFF'}")
         if shutil.which("ccache"):
             args += ["-DCMAKE_CXX_COMPILER_LAUNCHER=ccache", "-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
-        print(f"cem_ops: building with CUDA {'on' if with_cuda else 'off'}, {parallel_jobs()} jobs", flush=True)
+        print(f"cem_ops: building with CUDA {'on' if with_cuda else 'off'}, {jobs} jobs", flush=True)
         subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja", *args])
-        subprocess.check_call(["cmake", "--build", str(build_dir), "--parallel", str(parallel_jobs())])
+        subprocess.check_call(["cmake", "--build", str(build_dir), "--parallel", str(jobs)])
 
 
 setup(
@@ -123,7 +161,7 @@ setup(
     description="Fused kernels for Causal Energy Minimization (CEM) Transformer layers in PyTorch",
     packages=find_packages(include=["cem_ops", "cem_ops.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.6"],
+    install_requires=[torch_requirement()],
     ext_modules=[CMakeExtension("cem_ops._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -37,3 +37,21 @@ def test_torch_version_mismatch_is_refused(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "0.0.1")
     with pytest.raises(ImportError, match="built against torch .* but torch 0.0.1 is installed"):
         _extension.load_extension()
+
+
+def test_missing_extension_says_how_to_build(monkeypatch, tmp_path):
+    monkeypatch.setattr(_extension, "PACKAGE_DIR", tmp_path)
+    with pytest.raises(ImportError, match="is not built .*pip install --no-build-isolation -e ."):
+        _extension.load_extension()
+
+
+def test_extension_from_another_checkout_is_refused(monkeypatch, tmp_path):
+    (tmp_path / "_C.cpython-test.so").write_text("")  # this "package" has a binary of its own
+    monkeypatch.setattr(_extension, "PACKAGE_DIR", tmp_path)
+    with pytest.raises(ImportError, match="was loaded from .*, not from this package"):
+        _extension.load_extension()
+
+
+def test_outside_a_source_checkout_the_hint_is_a_wheel(monkeypatch, tmp_path):
+    monkeypatch.setattr(_extension, "SOURCE_ROOT", tmp_path)
+    assert "wheel" in _extension.rebuild_hint()
