@@ -8,7 +8,12 @@ from torch import Tensor
 
 from .. import reference
 from ..reference.common import accumulation_dtype
-from .backends import register_autocast, register_no_double_backward, register_reference_fallback
+from .backends import (
+    refuse_forward_mode_ad,
+    register_autocast,
+    register_no_double_backward,
+    register_reference_fallback,
+)
 
 
 def attention(
@@ -41,6 +46,7 @@ def attention(
         w_k, diag, precond_diag, precond_lowrank and step_size. All tensors share x's dtype
         (float32, float64, bfloat16, float16) and device.
     """
+    refuse_forward_mode_ad("attention", x, w_q, w_k, diag, precond_diag, precond_lowrank, step_size)
     return torch.ops.cem.attention.default(
         x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale
     )

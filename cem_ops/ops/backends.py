@@ -6,6 +6,7 @@ import functools
 from typing import Callable
 
 import torch
+from torch.autograd import forward_ad
 
 # Ops that need a backend implementation; the public ops are composites over these.
 KERNEL_OPS = ("attention_fwd", "attention_bwd", "mlp_fwd", "mlp_bwd")
@@ -44,6 +45,19 @@ def register_no_double_backward(op: str) -> None:
         )
 
     torch.library.register_autograd(f"cem::{op}", refuse, setup_context=lambda ctx, inputs, output: None)
+
+
+def refuse_forward_mode_ad(op: str, *tensors: torch.Tensor | None) -> None:
+    """The ops have reverse-mode derivatives only. Without this check, forward-mode AD (jvp,
+    jacfwd, torch.autograd.forward_ad) through a custom op silently yields zero tangents."""
+    if torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        if t is not None and forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"cem::{op} has no forward-mode derivative (jvp, jacfwd, torch.autograd.forward_ad); "
+                "use reverse mode (backward, torch.autograd.grad)"
+            )
 
 
 def register_autocast(op: str) -> None:

@@ -7,7 +7,12 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .backends import register_autocast, register_no_double_backward, register_reference_fallback
+from .backends import (
+    refuse_forward_mode_ad,
+    register_autocast,
+    register_no_double_backward,
+    register_reference_fallback,
+)
 
 
 def mlp(
@@ -35,6 +40,7 @@ def mlp(
         (B, N, D) total update Delta = x^T - x^0 in the dtype of x, differentiable in x, w, v,
         precond_diag, precond_lowrank and step_size.
     """
+    refuse_forward_mode_ad("mlp", x, w, v, precond_diag, precond_lowrank, step_size)
     return torch.ops.cem.mlp.default(x, w, v, precond_diag, precond_lowrank, step_size, activation)
 
 

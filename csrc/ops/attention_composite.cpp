@@ -19,7 +19,11 @@ at::Tensor attention(
     const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_k, const OptTensor& diag,
     const OptTensor& alibi_slopes, const OptTensor& precond_diag, const OptTensor& precond_lowrank,
     const at::Tensor& step_size, std::optional<double> scale) {
-  check_attention_args("cem::attention", x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale);
+  // Under symbolic tracing the kernel op's fake propagates the shapes, and the backend kernel
+  // checks its arguments when the traced program runs.
+  if (!has_symbolic_sizes(x)) {
+    check_attention_args("cem::attention", x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale);
+  }
   // Keep the per-step state only when a backward pass can follow: inference stays at O(B N D).
   const bool save = at::GradMode::is_enabled() &&
                     (x.requires_grad() || w_q.requires_grad() || w_k.requires_grad() || requires_grad(diag) ||

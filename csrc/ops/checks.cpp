@@ -197,6 +197,8 @@ void check_mlp_energy_args(
   parse_activation(op, activation);
 }
 
+bool has_symbolic_sizes(const at::Tensor& t) { return t.unsafeGetTensorImpl()->has_symbolic_sizes_strides(); }
+
 at::ScalarType accumulation_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -44,6 +44,10 @@ void check_mlp_energy_args(
 
 Activation parse_activation(const char* op, const std::string& activation);
 
+// Whether a tensor is being traced with symbolic sizes (torch.compile with dynamic shapes,
+// torch.export): reading its sizes as integers would pin them to the traced values.
+bool has_symbolic_sizes(const at::Tensor& t);
+
 // float32 for float32/bfloat16/float16 inputs, float64 for float64 (cem-math.md section 6).
 at::ScalarType accumulation_dtype(at::ScalarType dtype);
 

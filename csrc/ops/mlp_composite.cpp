@@ -18,7 +18,9 @@ at::Tensor mlp(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& v, const OptTensor& precond_diag,
     const OptTensor& precond_lowrank, const at::Tensor& step_size, c10::string_view activation) {
   const std::string act(activation);
-  check_mlp_args("cem::mlp", x, w, v, precond_diag, precond_lowrank, step_size, act);
+  if (!has_symbolic_sizes(x)) {  // see cem::attention
+    check_mlp_args("cem::mlp", x, w, v, precond_diag, precond_lowrank, step_size, act);
+  }
   const bool save = at::GradMode::is_enabled() &&
                     (x.requires_grad() || w.requires_grad() || v.requires_grad() || requires_grad(precond_diag) ||
                      requires_grad(precond_lowrank) || step_size.requires_grad());
