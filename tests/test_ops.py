@@ -381,6 +381,7 @@ def test_dynamic_sequence_length_compiles_once_and_exports(rng):
         assert relative_error(program.module()(x), block(x)) < 1e-6
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torch.func internals
 def test_forward_mode_ad_is_a_clear_error(rng):
     """Custom ops without a jvp would give zero tangents silently: the public functions refuse."""
     att = AttentionCase(dtype=torch.float64).make(rng)
