@@ -41,6 +41,31 @@ def error_bound(dtype: torch.dtype, reference_error: float = 0.0) -> float:
     return max(TOLERANCES[dtype], REFERENCE_ERROR_FACTOR * reference_error)
 
 
+def rounding_sensitivity(fn, inputs, grad_out: Tensor, expected, generator: torch.Generator,
+                         dtype: torch.dtype = torch.float32, samples: int = 2) -> list[float]:
+    """How far noise of ``dtype``'s rounding size on the inputs moves fn's float64 gradients
+    (largest relative change over ``samples`` draws, per gradient): the error any ``dtype``
+    implementation inherits from the conditioning, whatever order it sums in. A cancelling sum
+    such as the step sizes' gradient can leave one valid implementation several times further
+    from float64 than another; this measures the spread without depending on either's luck.
+
+    ``inputs`` is an AttentionInputs/MLPInputs in float64; ``expected`` its float64 gradients."""
+    eps = torch.finfo(dtype).eps
+    worst = [0.0] * len(expected)
+    for _ in range(samples):
+        noisy = inputs.to(torch.float64)
+        leaves = noisy.differentiable()
+        with torch.no_grad():
+            for t in leaves:
+                noise = torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device)
+                t.mul_(1 + eps * noise)
+        for t in leaves:
+            t.requires_grad_(True)
+        grads = torch.autograd.grad(fn(*noisy.args()), leaves, grad_out)
+        worst = [max(w, relative_error(g, e)) for w, g, e in zip(worst, grads, expected)]
+    return worst
+
+
 def low_precision_agrees(got: Tensor, exact: Tensor, same_precision: Tensor, dtype: torch.dtype) -> bool:
     """A bfloat16/float16 result is right when it is within the contract's tolerance of the
     reference run at the same precision, or when its error against float64 is within
@@ -246,6 +271,7 @@ __all__ = [
     "MLPInputs",
     "REFERENCE_ERROR_FACTOR",
     "low_precision_agrees",
+    "rounding_sensitivity",
     "TOLERANCES",
     "error_bound",
     "attention_flops",
