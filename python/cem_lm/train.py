@@ -16,7 +16,7 @@ import torch
 from .checkpoint import CHECKPOINT_NAME
 from .config import ATTENTIONS, DIAGS, MLPS, POSITIONS, PRECONDS, PRESETS, REUSES, STEPS, with_overrides
 from .errors import RunError
-from .trainer import resolve_device, train_run
+from .trainer import train_run
 from .variants import VARIANTS_BY_NAME
 
 # CLI flag -> ModelConfig / TrainConfig field; None-valued flags keep the preset's value.
@@ -114,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"notice: --resume continues with the checkpoint's own configuration; ignoring {ignored}",
               file=sys.stderr)
     try:
-        resolve_device(args.device)
         results = train_run(model_cfg, train_cfg, args.out, device=args.device, resume=args.resume,
                             stop_at=args.stop_at, plot=not args.no_plot, show_progress=not args.quiet)
     except RunError as err:

@@ -108,6 +108,7 @@ def train_run(
     train_cfg.steps as if never stopped); the results then carry "finished": False and no test score.
     """
     out_dir = Path(out_dir)
+    dev = resolve_device(device)  # before the run directory exists: a bad device leaves nothing behind
     prepare_out_dir(out_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
     checkpoint = load_checkpoint(ckpt_path) if resume else None
@@ -116,7 +117,6 @@ def train_run(
         model_cfg = config_from_dict(ModelConfig, checkpoint["model_config"])
         train_cfg = config_from_dict(TrainConfig, checkpoint["train_config"])
 
-    dev = resolve_device(device)
     precision = resolve_precision(train_cfg.precision, dev)
     corpus = corpus if corpus is not None else load_corpus()
     check_data_fits(corpus, model_cfg.seq_len)
