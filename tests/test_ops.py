@@ -11,15 +11,7 @@ import cem_ops
 from cem_ops import reference
 from cem_ops.nn import CEMBlock
 from cem_ops.reference.mlp import ACTIVATIONS
-from cem_ops.testing import (
-    TOLERANCES,
-    AttentionCase,
-    MLPCase,
-    error_bound,
-    low_precision_agrees,
-    relative_error,
-    rounding_sensitivity,
-)
+from cem_ops.testing import AttentionCase, MLPCase, assert_matches_reference, relative_error
 
 F64 = torch.float64
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -33,64 +25,8 @@ SHAPES = [
 ]
 
 
-def _gradients(fn, inputs, grad_out):
-    out = fn(*inputs.args())
-    return out, torch.autograd.grad(out, inputs.differentiable(), grad_out.to(out.dtype))
-
-
-def _fresh(inputs, dtype):
-    """A detached copy in ``dtype`` with gradients enabled."""
-    copy = inputs.to(dtype)
-    for t in copy.differentiable():
-        t.requires_grad_(True)
-    return copy
-
-
-def _explicit_reference_gradients(kind, inputs, grad_out):
-    """Gradients of the reference forward + explicit backward: the same saved state and rounding
-    points as every backend (docs/backward.md), at the inputs' precision."""
-    forward, backward = {
-        "attention": (reference.attention_forward, reference.attention_backward),
-        "mlp": (reference.mlp_forward, reference.mlp_backward),
-    }[kind]
-    state = forward(*inputs.args())
-    grads = backward(grad_out.to(inputs.x.dtype), *inputs.args(), *state[1:])
-    return [g for g in grads if g is not None]
-
-
-def _compare(kind, op, reference_fn, inputs, rng, record_error):
-    """The policy of cem_ops.testing: forward against float64, gradients against float64 (float32)
-    or against the reference run at the same precision (bfloat16, float16)."""
-    dtype = inputs.x.dtype
-    # The upstream gradient is an input of the backward: round it like the other inputs.
-    grad_out = torch.randn(inputs.x.shape, generator=rng, dtype=F64).to(dtype).to(F64)
-    out, got = _gradients(op, _fresh(inputs, dtype), grad_out)
-    want, expected = _gradients(reference_fn, _fresh(inputs, F64), grad_out)
-    assert out.dtype == dtype and out.shape == inputs.x.shape
-    assert record_error(f"{kind} forward {dtype}", relative_error(out, want)) < TOLERANCES[dtype]
-    same_precision = expected
-    sensitivity = [0.0] * len(expected)
-    if dtype == torch.float32:
-        _, same_precision = _gradients(reference_fn, _fresh(inputs, dtype), grad_out)
-        sensitivity = rounding_sensitivity(reference_fn, inputs, grad_out, expected, rng)
-    elif dtype != F64:
-        same_precision = _explicit_reference_gradients(kind, inputs.to(dtype), grad_out)
-    for i, (g, e, s, noise) in enumerate(zip(got, expected, same_precision, sensitivity)):
-        assert g.dtype == dtype and g.shape == e.shape
-        err = record_error(f"{kind} gradients {dtype} vs float64", relative_error(g, e))
-        if dtype in (F64, torch.float32):
-            bound = error_bound(dtype, max(relative_error(s, e), noise))
-            assert err < bound, f"gradient {i}: error {err:.2e}, bound {bound:.2e}"
-        else:
-            record_error(f"{kind} gradients {dtype} vs reference at {dtype}", relative_error(g, s))
-            assert low_precision_agrees(g, e, s, dtype), (
-                f"gradient {i}: error {relative_error(g, s):.2e} against the {dtype} reference, {err:.2e} against "
-                f"float64 (the {dtype} reference's own: {relative_error(s, e):.2e})"
-            )
-
-
 def _check_attention(case: AttentionCase, rng, record_error):
-    _compare("attention", torch.ops.cem.attention, reference.attention, case.make(rng), rng, record_error)
+    assert_matches_reference("attention", torch.ops.cem.attention, case.make(rng), rng, record_error)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 4])
@@ -122,7 +58,7 @@ def test_attention_odd_shapes(dtype, diag, shape, rng, record_error):
 
 
 def _check_mlp(case: MLPCase, rng, record_error):
-    _compare("mlp", torch.ops.cem.mlp, reference.mlp, case.make(rng), rng, record_error)
+    assert_matches_reference("mlp", torch.ops.cem.mlp, case.make(rng), rng, record_error)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
@@ -385,7 +321,8 @@ def test_dynamic_sequence_length_compiles_once_and_exports(rng):
         out.square().mean().backward()
         assert relative_error(out, block(x)) < 1e-6
     assert counters["stats"]["unique_graphs"] == 1
-    program = torch.export.export(block, (torch.randn(2, 9, 16),), dynamic_shapes=({1: torch.export.Dim("seq", min=2)},))
+    seq_dim = {1: torch.export.Dim("seq", min=2)}
+    program = torch.export.export(block, (torch.randn(2, 9, 16),), dynamic_shapes=(seq_dim,))
     for seq in (3, 33):
         x = torch.randn(2, seq, 16, generator=rng)
         assert relative_error(program.module()(x), block(x)) < 1e-6

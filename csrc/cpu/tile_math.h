@@ -149,6 +149,11 @@ inline void scale_row(T* y, T alpha, int64_t n) {
   for (int64_t j = 0; j < n; ++j) y[j] *= alpha;
 }
 
+// Sums over K run in chunks of kSumChunk terms, each started from zero in registers and then
+// added to C: one running sum over D = 4096 terms loses about 4x more to rounding, which the
+// float32 contract (well under 1e-4) cannot afford where scores are large.
+constexpr int64_t kSumChunk = 128;
+
 // C[MR x NV*W] (+)= op(A) B over K, accumulators held in registers. op(A)(r, k) is
 // A[r * lda + k], or A[k * lda + r] when kTransA (A stored K x M), which lets the key-side
 // products dS^T Q read a score tile without transposing it.
@@ -156,19 +161,28 @@ template <typename T, int MR, int NV, bool kTransA>
 inline void gemm_micro(
     int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   constexpr int W = Vec<T>::kWidth;
-  VecT<T> acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? vload(C + r * ldc + v * W) : VecT<T>{};
-  for (int64_t k = 0; k < K; ++k) {
-    VecT<T> b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * W);
-    for (int r = 0; r < MR; ++r) {
-      const T a = kTransA ? A[k * lda + r] : A[r * lda + k];
-      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+  int64_t k0 = 0;
+  do {
+    const int64_t k1 = std::min(K, k0 + kSumChunk);
+    VecT<T> acc[MR][NV];
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = VecT<T>{};
+    for (int64_t k = k0; k < k1; ++k) {
+      VecT<T> b[NV];
+      for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * W);
+      for (int r = 0; r < MR; ++r) {
+        const T a = kTransA ? A[k * lda + r] : A[r * lda + k];
+        for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+      }
     }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * W, acc[r][v]);
+    const bool add = accumulate || k0 > 0;
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) {
+        T* c = C + r * ldc + v * W;
+        vstore(c, add ? vload(c) + acc[r][v] : acc[r][v]);
+      }
+    k0 = k1;
+  } while (k0 < K);
 }
 
 template <typename T, int NV, bool kTransA>
@@ -199,11 +213,16 @@ inline void gemm(
   int64_t n = 0;
   for (; n + 2 * W <= N; n += 2 * W) gemm_rows<T, 2, kTransA>(M, K, A, lda, B + n, ldb, C + n, ldc, accumulate);
   for (; n + W <= N; n += W) gemm_rows<T, 1, kTransA>(M, K, A, lda, B + n, ldb, C + n, ldc, accumulate);
-  for (; n < N; ++n) {  // columns left over from the vector width
+  for (; n < N; ++n) {  // columns left over from the vector width, summed in chunks as above
     for (int64_t m = 0; m < M; ++m) {
-      T sum = accumulate ? C[m * ldc + n] : T(0);
-      for (int64_t k = 0; k < K; ++k) sum += (kTransA ? A[k * lda + m] : A[m * lda + k]) * B[k * ldb + n];
-      C[m * ldc + n] = sum;
+      T total = accumulate ? C[m * ldc + n] : T(0);
+      for (int64_t k0 = 0; k0 < K; k0 += kSumChunk) {
+        T sum = 0;
+        for (int64_t k = k0; k < std::min(K, k0 + kSumChunk); ++k)
+          sum += (kTransA ? A[k * lda + m] : A[m * lda + k]) * B[k * ldb + n];
+        total += sum;
+      }
+      C[m * ldc + n] = total;
     }
   }
 }

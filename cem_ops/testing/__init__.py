@@ -1,0 +1,32 @@
+"""What the tests, the benchmarks and the demo share: random inputs over the option space
+(cases), tolerances against the float64 reference (tolerances), the correctness policy every
+backend is held to (agreement), and FLOP and memory counts (cost)."""
+
+from .agreement import assert_matches_reference
+from .cases import AttentionCase, AttentionInputs, MLPCase, MLPInputs
+from .cost import attention_flops, cpu_peak_bytes, llama_attention_flops
+from .tolerances import (
+    REFERENCE_ERROR_FACTOR,
+    TOLERANCES,
+    error_bound,
+    low_precision_agrees,
+    relative_error,
+    rounding_sensitivity,
+)
+
+__all__ = [
+    "AttentionCase",
+    "AttentionInputs",
+    "MLPCase",
+    "MLPInputs",
+    "REFERENCE_ERROR_FACTOR",
+    "TOLERANCES",
+    "assert_matches_reference",
+    "attention_flops",
+    "cpu_peak_bytes",
+    "error_bound",
+    "llama_attention_flops",
+    "low_precision_agrees",
+    "relative_error",
+    "rounding_sensitivity",
+]
