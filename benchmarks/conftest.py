@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -17,6 +18,8 @@ def pytest_addoption(parser):
     parser.addoption("--bench-device", default="auto", choices=("auto", "cpu", "cuda"),
                      help="device whose grid runs (auto: cuda when available)")
     parser.addoption("--bench-quick", action="store_true", help="a small slice of the grid (see harness.py)")
+    parser.addoption("--bench-impls", default="all",
+                     help=f"comma-separated implementations to measure, of {', '.join(harness.IMPLEMENTATIONS)}")
 
 
 def bench_device(config) -> str:
@@ -24,6 +27,18 @@ def bench_device(config) -> str:
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return choice
+
+
+def bench_impls(config) -> list[str]:
+    choice = config.getoption("--bench-impls")
+    if choice == "all":
+        return list(harness.IMPLEMENTATIONS)
+    impls = [name.strip() for name in choice.split(",") if name.strip()]
+    unknown = [name for name in impls if name not in harness.IMPLEMENTATIONS]
+    if unknown or not impls:
+        raise pytest.UsageError(f"--bench-impls: unknown {unknown or choice!r}; "
+                                f"expected a comma-separated subset of {', '.join(harness.IMPLEMENTATIONS)}")
+    return impls
 
 
 def pytest_generate_tests(metafunc):
@@ -35,7 +50,7 @@ def pytest_generate_tests(metafunc):
     quick = metafunc.config.getoption("--bench-quick")
     grid = harness.cuda_grid(quick) if device == "cuda" else harness.cpu_grid(quick)
     metafunc.parametrize("bench_config", grid, ids=lambda c: c.label)
-    metafunc.parametrize("impl", harness.IMPLEMENTATIONS)
+    metafunc.parametrize("impl", bench_impls(metafunc.config))
     metafunc.parametrize("mode", harness.MODES)
 
 

@@ -8,7 +8,8 @@
 #   scripts/gpu_check.sh test       tests/test_cuda_attention.py (then the whole suite)
 #   scripts/gpu_check.sh sanitize   compute-sanitizer memcheck, racecheck, synccheck on small shapes
 #   scripts/gpu_check.sh bench      ceilings + attention speed grid (quick slice unless BENCH_FULL=1),
-#                                   JSON, Markdown and PNG under benchmarks/results/
+#                                   JSON, Markdown and PNG under benchmarks/results/; BENCH_IMPLS
+#                                   (e.g. stock,stock_compiled,llama,ours) narrows the implementations
 #   scripts/gpu_check.sh all        everything above, in order
 #
 # Logs go to benchmarks/results/gpu_check/<stage>.log (and are copied to $OUT when it is set).
@@ -93,7 +94,8 @@ stage_build() {
 
 stage_test() {
   : > "$LOGDIR/test.log"
-  run_logged test "$PYTHON" -m pytest -q -x -ra tests/test_cuda_attention.py || return 1
+  # Up to 10 failures: one failing case should not hide the pattern of the others.
+  run_logged test "$PYTHON" -m pytest -q --maxfail=10 -ra tests/test_cuda_attention.py || return 1
   run_logged test "$PYTHON" -m pytest -q -ra tests
 }
 
@@ -117,7 +119,8 @@ stage_bench() {
   local json="benchmarks/results/$name.json"
   # The quick slice (target model at 2k and 8k) fits one command; BENCH_FULL=1 runs the whole grid.
   run_logged bench "$PYTHON" -m pytest -q benchmarks/test_ceilings.py benchmarks/test_attention_speed.py \
-    --bench-device cuda $([ -n "${BENCH_FULL:-}" ] || echo --bench-quick) --benchmark-json "$json" || return 1
+    --bench-device cuda $([ -n "${BENCH_FULL:-}" ] || echo --bench-quick) --bench-impls "${BENCH_IMPLS:-all}" \
+    --benchmark-json "$json" || return 1
   run_logged bench "$PYTHON" benchmarks/report.py "$json"
   cp "$json" "${json%.json}.md" "$LOGDIR/" 2>/dev/null
   [ -f "${json%.json}.png" ] && cp "${json%.json}.png" "$LOGDIR/"
