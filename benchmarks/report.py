@@ -102,6 +102,10 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+IMPL_COLORS = {"reference": "tab:gray", "stock": "tab:orange", "stock_compiled": "tab:red", "llama": "tab:green",
+               "ours": "tab:blue"}
+
+
 def plot(rows: list[dict], path: Path) -> bool:
     try:
         import matplotlib
@@ -114,21 +118,26 @@ def plot(rows: list[dict], path: Path) -> bool:
     panels = sorted({(r["mode"], r["model"]) for r in rows})
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
     for ax, (mode, model) in zip(axes[0], panels):
         series = defaultdict(list)
         for r in rows:
             if (r["mode"], r["model"]) == (mode, model):
-                label = r["impl"] if r["impl"] == "llama" else f"{r['impl']} T{r['steps']} {r['diag']}"
-                series[label].append((r["seq"], r["tflops"]))
-        for label, points in sorted(series.items()):
+                variant = None if r["impl"] == "llama" else (r["steps"], r["diag"])
+                series[(r["impl"], variant)].append((r["seq"], r["tflops"]))
+        # One colour per implementation, one line style per (T, diagonal).
+        variants = sorted({v for _, v in series if v is not None})
+        styles = dict(zip(variants, ("-", "--", "-.", ":", (0, (1, 3)), (0, (5, 1)))))
+        for (impl, variant), points in sorted(series.items(), key=lambda item: (item[0][0], item[0][1] or (0, ""))):
             points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            label = impl if variant is None else f"{impl} T{variant[0]} {variant[1]}"
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=label,
+                    color=IMPL_COLORS.get(impl), linestyle=styles.get(variant, "-"))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length N")
         ax.set_ylabel("useful TFLOP/s")
         ax.set_title(f"{mode}, {model}")
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
