@@ -1,5 +1,6 @@
-"""Shared fixtures: a fresh random generator per test (seed printed on failure; set
-CEM_TEST_SEED to replay one) and a record of the largest errors seen, printed at the end."""
+"""Shared fixtures: a fresh random seed per test for its generator and for torch's global one
+(printed on failure; set CEM_TEST_SEED to replay it) and a record of the largest errors seen,
+printed at the end."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ def rng(request) -> torch.Generator:
     request.node.user_properties.append(("seed", seed))
     generator = torch.Generator().manual_seed(seed)
     return generator
+
+
+@pytest.fixture(autouse=True)
+def _global_generator_follows_the_seed(rng):
+    """Draws from torch's global generator replay with the test's printed seed as well."""
+    torch.manual_seed(rng.initial_seed())
 
 
 @pytest.fixture

@@ -1,19 +1,18 @@
 """The compiled CPU kernels (csrc/cpu/) against the float64 reference (cem_ops.reference).
 
-Every test draws fresh random inputs. A kernel is judged by the relative error
-||got - want|| / ||want|| against the reference run in float64 on the same (rounded) inputs.
-Lower precisions pass when they agree with the reference run in that dtype or are as close to
-float64 as a multiple of its own error (low_precision_agrees in cem_ops.testing, where the
-tolerances live): the
-precision rule (iterates and saved state rounded to the input dtype, docs/backward.md) costs
-the reference exactly as much, and ill-conditioned sums such as d(step_size) amplify it.
+Every test draws fresh random inputs (replayable with the seed printed on failure). A kernel is
+judged by the relative error ||got - want|| / ||want|| against the reference run in float64 on
+the same (rounded) inputs. Lower precisions pass when they agree with the reference run in that
+dtype or are as close to float64 as a multiple of its own error (low_precision_agrees in
+cem_ops.testing, where the tolerances live): the precision rule (iterates and saved state
+rounded to the input dtype, docs/backward.md) costs the reference exactly as much, and
+ill-conditioned sums such as d(step_size) amplify it.
 """
 
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -102,28 +101,17 @@ def check_close(name, got, want, dtype, low_precision_ref=None):
 # ---------------------------------------------------------------------------------- attention
 
 
-@dataclass(frozen=True)
-class AttnCase:
-    batch: int = 2
-    seq: int = 67
-    dim: int = 12
-    heads: int = 3
-    head_dim: int = 5
-    rank: int = 3
-    steps: int = 2
-    diag: str = "shared"  # "none", "shared" or "per_head"
-    alibi: bool = True
-    precond: str = "both"
-    scale: float | None = None
+def attn_case(*, precond: str = "both", rank: int = 3, **fields) -> AttentionCase:
+    """This file's attention case: N = 67 crosses a 64-row tile, the widths fill no vector, and
+    the preconditioner is named (none, diag, lowrank or both)."""
+    use_p, use_u = PRECOND[precond]
+    defaults = dict(batch=2, seq=67, dim=12, heads=3, head_dim=5, steps=2, diag="shared", alibi=True)
+    return AttentionCase(**{**defaults, **fields}, precond_diag=use_p, precond_rank=rank if use_u else 0)
 
 
-def attention_inputs(case: AttnCase, dtype: torch.dtype) -> list:
-    """Fresh random inputs (cem_ops.testing) in schema order without scale, rounded to dtype."""
-    use_p, use_u = PRECOND[case.precond]
-    shared = AttentionCase(batch=case.batch, seq=case.seq, dim=case.dim, heads=case.heads, head_dim=case.head_dim,
-                           steps=case.steps, diag=case.diag, alibi=case.alibi, precond_diag=use_p,
-                           precond_rank=case.rank if use_u else 0, dtype=dtype)
-    return list(shared.make().args()[:-1])
+def attention_inputs(case: AttentionCase, dtype: torch.dtype) -> list:
+    """Fresh random inputs in schema order without scale, in dtype."""
+    return list(case.with_(dtype=dtype).make().args()[:-1])
 
 
 def as_f64(args):
@@ -155,7 +143,7 @@ def run_both(reference_fn, kernel_fn, args, option, shape, dtype):
     return got, want, low
 
 
-def check_attention(case: AttnCase, dtype: torch.dtype = torch.float64):
+def check_attention(case: AttentionCase, dtype: torch.dtype = torch.float64):
     args = attention_inputs(case, dtype)
     shape = (case.batch, case.seq, case.dim)
     (got_fwd, got_grads), (want_fwd, want_grads), (low_fwd, low_grads) = run_both(
@@ -180,7 +168,7 @@ def check_attention(case: AttnCase, dtype: torch.dtype = torch.float64):
 @pytest.mark.parametrize("alibi", [False, True], ids=["no_alibi", "alibi"])
 @pytest.mark.parametrize("diag", ["none", "shared", "per_head"])
 def test_attention_options_float64(diag, alibi, precond, steps):
-    check_attention(AttnCase(seq=67, diag=diag, alibi=alibi, precond=precond, steps=steps))
+    check_attention(attn_case(seq=67, diag=diag, alibi=alibi, precond=precond, steps=steps))
 
 
 # (B, N, D, H, Dh, R): N around the 64-wide tiles, widths that fill no vector evenly.
@@ -199,19 +187,19 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}N{}D{}H{}Dh{}R{}".format(*s))
 def test_attention_shapes_float64(shape, diag):
     b, n, d, h, e, r = shape
-    check_attention(AttnCase(batch=b, seq=n, dim=d, heads=h, head_dim=e, rank=r, diag=diag, steps=3))
+    check_attention(attn_case(batch=b, seq=n, dim=d, heads=h, head_dim=e, rank=r, diag=diag, steps=3))
 
 
 @pytest.mark.parametrize("scale", [0.05, 1.0, 3.0])
 def test_attention_explicit_scale(scale):
-    check_attention(AttnCase(seq=70, scale=scale, diag="per_head"))
+    check_attention(attn_case(seq=70, scale=scale, diag="per_head"))
 
 
 @pytest.mark.parametrize("seq", [7, 130])
 @pytest.mark.parametrize("diag", ["none", "shared", "per_head"])
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 def test_attention_low_precision(dtype, diag, seq):
-    errors = check_attention(AttnCase(seq=seq, dim=24, heads=3, head_dim=8, diag=diag, steps=3), dtype)
+    errors = check_attention(attn_case(seq=seq, dim=24, heads=3, head_dim=8, diag=diag, steps=3), dtype)
     # The forward output and the saved state meet the plain bound, without the fairness margin.
     for name in ("out", "iterates", "head_outputs", "diag_values", "lse"):
         assert errors[name] <= TOLERANCES[dtype], (name, errors[name])
@@ -239,8 +227,8 @@ def test_attention_instruction_sets(isa, diag):
     if isa == "avx2" and not _cpu_has_avx2():
         pytest.skip("this CPU has no AVX2 + FMA")
     with env(CEM_OPS_CPU_ISA=isa):
-        check_attention(AttnCase(seq=130, diag=diag), torch.float64)
-        check_attention(AttnCase(seq=130, diag=diag), torch.float32)
+        check_attention(attn_case(seq=130, diag=diag), torch.float64)
+        check_attention(attn_case(seq=130, diag=diag), torch.float32)
 
 
 def _cpu_has_avx2() -> bool:
@@ -249,7 +237,7 @@ def _cpu_has_avx2() -> bool:
 
 
 def test_attention_unknown_instruction_set_is_an_error():
-    args = attention_inputs(AttnCase(seq=5), torch.float32)
+    args = attention_inputs(attn_case(seq=5), torch.float32)
     with env(CEM_OPS_CPU_ISA="sse9"), pytest.raises(RuntimeError, match="CEM_OPS_CPU_ISA"):
         OPS.attention_fwd(*args, None, True)
 
@@ -257,7 +245,7 @@ def test_attention_unknown_instruction_set_is_an_error():
 @pytest.mark.parametrize("diag", ["shared", "per_head"])
 def test_attention_strips_off_gives_the_same_bits(diag):
     """Pass 2 reads pass 1's strips or recomputes: both must give identical results."""
-    case = AttnCase(batch=2, seq=150, diag=diag, steps=2)
+    case = attn_case(batch=2, seq=150, diag=diag, steps=2)
     args = attention_inputs(case, torch.float32)
     grad_out = torch.randn(case.batch, case.seq, case.dim)
     with_strips = kernel_attention(args, None, grad_out)
@@ -272,7 +260,7 @@ def test_attention_strips_off_gives_the_same_bits(diag):
 
 def test_attention_thread_count_does_not_change_results():
     """Key-side sums are per chunk of work and added up after; any split must agree."""
-    case = AttnCase(batch=3, seq=200, diag="shared", steps=2)
+    case = attn_case(batch=3, seq=200, diag="shared", steps=2)
     args = attention_inputs(case, torch.float64)
     grad_out = torch.randn(case.batch, case.seq, case.dim, dtype=torch.float64)
     threads = torch.get_num_threads()
@@ -291,7 +279,7 @@ def test_attention_thread_count_does_not_change_results():
 
 
 def test_attention_noncontiguous_inputs():
-    case = AttnCase(batch=2, seq=70, dim=12, heads=3, head_dim=5, diag="per_head", steps=2)
+    case = attn_case(batch=2, seq=70, dim=12, heads=3, head_dim=5, diag="per_head", steps=2)
     args = attention_inputs(case, torch.float32)
     x, w_q, w_k, diag, slopes, p, u, eta = args
     strided = [
@@ -320,7 +308,7 @@ def test_attention_noncontiguous_inputs():
 @pytest.mark.parametrize("diag", ["none", "shared", "per_head"])
 def test_attention_public_op_autograd(diag, dtype):
     """cem_ops.attention -> attention_fwd/attention_bwd on CPU, against autograd through the reference."""
-    case = AttnCase(batch=2, seq=75, diag=diag, steps=3)
+    case = attn_case(batch=2, seq=75, diag=diag, steps=3)
     args = attention_inputs(case, dtype)
     names = ["x", "w_q", "w_k", "diag", "alibi_slopes", "precond_diag", "precond_lowrank", "step_size"]
     leaves = [None if a is None else a.clone().requires_grad_(name != "alibi_slopes") for a, name in zip(args, names)]
@@ -338,7 +326,7 @@ def test_attention_public_op_autograd(diag, dtype):
 
 
 def test_attention_inference_keeps_no_state():
-    case = AttnCase(seq=40)
+    case = attn_case(seq=40)
     args = attention_inputs(case, torch.float32)
     fwd = OPS.attention_fwd(*args, None, False)
     assert all(t.numel() == 0 for t in fwd[1:])
@@ -351,7 +339,7 @@ def test_attention_inference_keeps_no_state():
 
 @pytest.mark.parametrize("batch,seq", [(0, 5), (2, 0), (0, 0)])
 def test_attention_empty(batch, seq):
-    case = AttnCase(batch=max(batch, 1), seq=max(seq, 1), steps=3)
+    case = attn_case(batch=max(batch, 1), seq=max(seq, 1), steps=3)
     args = attention_inputs(case, torch.float32)
     args[0] = args[0][:batch, :seq]
     fwd = OPS.attention_fwd(*args, None, True)
@@ -365,7 +353,7 @@ def test_attention_empty(batch, seq):
 
 
 def test_attention_bad_input_is_a_clear_error():
-    args = attention_inputs(AttnCase(seq=9), torch.float32)
+    args = attention_inputs(attn_case(seq=9), torch.float32)
     bad_wq = list(args)
     bad_wq[1] = args[1][:, :, :-1]
     with pytest.raises(ValueError, match="w_q must have shape"):
@@ -380,14 +368,14 @@ def test_attention_bad_input_is_a_clear_error():
 
 
 def test_attention_opcheck():
-    case = AttnCase(batch=2, seq=67, diag="shared", steps=2)
+    case = attn_case(batch=2, seq=67, diag="shared", steps=2)
     args = attention_inputs(case, torch.float32)
     torch.library.opcheck(OPS.attention_fwd.default, (*args, None, True))
     trainable = [None if a is None else a.clone().requires_grad_(i != 4) for i, a in enumerate(args)]
     torch.library.opcheck(OPS.attention_fwd.default, (*trainable, 0.4, True))
     fwd = OPS.attention_fwd(*args, None, True)
     torch.library.opcheck(OPS.attention_bwd.default, (torch.randn_like(args[0]), *args, None, *fwd[1:]))
-    per_head = attention_inputs(replace(case, diag="per_head", alibi=False, precond="none"), torch.float64)
+    per_head = attention_inputs(attn_case(diag="per_head", alibi=False, precond="none"), torch.float64)
     torch.library.opcheck(OPS.attention_fwd.default, (*per_head, None, True))
 
 
@@ -428,24 +416,15 @@ def test_attention_memory_is_linear_in_seq():
 # ------------------------------------------------------------------------------------------ mlp
 
 
-@dataclass(frozen=True)
-class MlpCase:
-    batch: int = 2
-    seq: int = 67
-    dim: int = 12
-    hidden: int = 19
-    rank: int = 3
-    steps: int = 2
-    activation: str = "silu"
-    precond: str = "both"
+def mlp_case(*, precond: str = "both", rank: int = 3, **fields) -> MLPCase:
+    use_p, use_u = PRECOND[precond]
+    defaults = dict(batch=2, seq=67, dim=12, hidden=19, steps=2, activation="silu")
+    return MLPCase(**{**defaults, **fields}, precond_diag=use_p, precond_rank=rank if use_u else 0)
 
 
-def mlp_inputs(case: MlpCase, dtype: torch.dtype) -> list:
-    """Fresh random inputs (cem_ops.testing) in schema order without the activation."""
-    use_p, use_u = PRECOND[case.precond]
-    shared = MLPCase(batch=case.batch, seq=case.seq, dim=case.dim, hidden=case.hidden, steps=case.steps,
-                     precond_diag=use_p, precond_rank=case.rank if use_u else 0, dtype=dtype)
-    return list(shared.make().args()[:-1])
+def mlp_inputs(case: MLPCase, dtype: torch.dtype) -> list:
+    """Fresh random inputs in schema order without the activation, in dtype."""
+    return list(case.with_(dtype=dtype).make().args()[:-1])
 
 
 def reference_mlp(args, activation, grad_out):
@@ -457,7 +436,7 @@ def kernel_mlp(args, activation, grad_out):
     return forward_backward(OPS.mlp_fwd, OPS.mlp_bwd, args, activation, grad_out)
 
 
-def check_mlp(case: MlpCase, dtype: torch.dtype = torch.float64):
+def check_mlp(case: MLPCase, dtype: torch.dtype = torch.float64):
     args = mlp_inputs(case, dtype)
     shape = (case.batch, case.seq, case.dim)
     (got_fwd, got_grads), (want_fwd, want_grads), (low_fwd, low_grads) = run_both(
@@ -474,23 +453,23 @@ def check_mlp(case: MlpCase, dtype: torch.dtype = torch.float64):
 @pytest.mark.parametrize("precond", list(PRECOND))
 @pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
 def test_mlp_options_float64(activation, precond, steps):
-    check_mlp(MlpCase(activation=activation, precond=precond, steps=steps))
+    check_mlp(mlp_case(activation=activation, precond=precond, steps=steps))
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (3, 7, 9, 31, 2), (2, 130, 17, 5, 4)], ids=str)
 def test_mlp_shapes_float64(shape):
     b, n, d, m, r = shape
-    check_mlp(MlpCase(batch=b, seq=n, dim=d, hidden=m, rank=r, steps=3))
+    check_mlp(mlp_case(batch=b, seq=n, dim=d, hidden=m, rank=r, steps=3))
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 def test_mlp_low_precision(dtype, activation):
-    check_mlp(MlpCase(seq=70, dim=24, hidden=40, activation=activation, steps=3), dtype)
+    check_mlp(mlp_case(seq=70, dim=24, hidden=40, activation=activation, steps=3), dtype)
 
 
 def test_mlp_public_op_autograd_and_noncontiguous():
-    case = MlpCase(seq=33, steps=3, activation="gelu")
+    case = mlp_case(seq=33, steps=3, activation="gelu")
     args = mlp_inputs(case, torch.float32)
     x, w, v, p, u, eta = args
     x_strided = x.transpose(0, 1).contiguous().transpose(0, 1)
@@ -511,7 +490,7 @@ def test_mlp_public_op_autograd_and_noncontiguous():
 
 @pytest.mark.parametrize("batch,seq", [(0, 5), (2, 0)])
 def test_mlp_empty(batch, seq):
-    args = mlp_inputs(MlpCase(batch=max(batch, 1), seq=max(seq, 1), steps=2), torch.float32)
+    args = mlp_inputs(mlp_case(batch=max(batch, 1), seq=max(seq, 1), steps=2), torch.float32)
     args[0] = args[0][:batch, :seq]
     fwd = OPS.mlp_fwd(*args, "relu", True)
     want = reference.mlp_forward(*args, "relu", True)
@@ -523,7 +502,7 @@ def test_mlp_empty(batch, seq):
 
 
 def test_mlp_bad_input_is_a_clear_error():
-    args = mlp_inputs(MlpCase(seq=5), torch.float32)
+    args = mlp_inputs(mlp_case(seq=5), torch.float32)
     with pytest.raises(ValueError, match="activation must be one of"):
         OPS.mlp_fwd(*args, "tanh", True)
     fwd = OPS.mlp_fwd(*args, "silu", False)
@@ -532,7 +511,7 @@ def test_mlp_bad_input_is_a_clear_error():
 
 
 def test_mlp_opcheck():
-    args = mlp_inputs(MlpCase(seq=20), torch.float32)
+    args = mlp_inputs(mlp_case(seq=20), torch.float32)
     torch.library.opcheck(OPS.mlp_fwd.default, (*args, "silu", True))
     trainable = [a.clone().requires_grad_() for a in args]
     torch.library.opcheck(OPS.mlp_fwd.default, (*trainable, "relu", True))
