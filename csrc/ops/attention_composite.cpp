@@ -15,6 +15,7 @@ using OptTensor = std::optional<at::Tensor>;
 
 bool requires_grad(const OptTensor& t) { return t.has_value() && t->requires_grad(); }
 
+
 at::Tensor attention(
     const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_k, const OptTensor& diag,
     const OptTensor& alibi_slopes, const OptTensor& precond_diag, const OptTensor& precond_lowrank,
@@ -23,6 +24,12 @@ at::Tensor attention(
   // checks its arguments when the traced program runs.
   if (!has_symbolic_sizes(x)) {
     check_attention_args("cem::attention", x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale);
+  }
+  if (computes_in_float32(x)) {
+    // Autograd flows through the casts: the gradients come back in the inputs' dtype.
+    return attention(x.to(at::kFloat), w_q.to(at::kFloat), w_k.to(at::kFloat), to_float(diag), to_float(alibi_slopes),
+                     to_float(precond_diag), to_float(precond_lowrank), step_size.to(at::kFloat), scale)
+        .to(x.scalar_type());
   }
   // Keep the per-step state only when a backward pass can follow: inference stays at O(B N D).
   const bool save = at::GradMode::is_enabled() &&

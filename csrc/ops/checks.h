@@ -51,6 +51,13 @@ bool has_symbolic_sizes(const at::Tensor& t);
 // float32 for float32/bfloat16/float16 inputs, float64 for float64 (cem-math.md section 6).
 at::ScalarType accumulation_dtype(at::ScalarType dtype);
 
+// Whether the public ops run bfloat16/float16 inputs on float32 copies: on the CPU, where no
+// tensor core wants rounded operands, so rounding inside the recursion would only cost
+// accuracy (gradients most of all). The CUDA kernels keep the rounding points of the
+// precision rule (docs/backward.md).
+bool computes_in_float32(const at::Tensor& x);
+std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t);
+
 // beta: Dh^-1/2 unless given.
 double resolve_scale(std::optional<double> scale, int64_t head_dim);
 

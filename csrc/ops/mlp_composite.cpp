@@ -21,6 +21,11 @@ at::Tensor mlp(
   if (!has_symbolic_sizes(x)) {  // see cem::attention
     check_mlp_args("cem::mlp", x, w, v, precond_diag, precond_lowrank, step_size, act);
   }
+  if (computes_in_float32(x)) {  // see cem::attention
+    return mlp(x.to(at::kFloat), w.to(at::kFloat), v.to(at::kFloat), to_float(precond_diag), to_float(precond_lowrank),
+               step_size.to(at::kFloat), activation)
+        .to(x.scalar_type());
+  }
   const bool save = at::GradMode::is_enabled() &&
                     (x.requires_grad() || w.requires_grad() || v.requires_grad() || requires_grad(precond_diag) ||
                      requires_grad(precond_lowrank) || step_size.requires_grad());
