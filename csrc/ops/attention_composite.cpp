@@ -15,7 +15,6 @@ using OptTensor = std::optional<at::Tensor>;
 
 bool requires_grad(const OptTensor& t) { return t.has_value() && t->requires_grad(); }
 
-
 at::Tensor attention(
     const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_k, const OptTensor& diag,
     const OptTensor& alibi_slopes, const OptTensor& precond_diag, const OptTensor& precond_lowrank,
