@@ -40,9 +40,7 @@ def check(device: str) -> bool:
         for case in cases + [MLPCase(seq=45, dim=40, hidden=96, steps=2)]:
             case = case.with_(dtype=dtype, device=device)
             inputs = case.make(generator, requires_grad=True)
-            ref_inputs = inputs.to(torch.float64)
-            for t in ref_inputs.differentiable():
-                t.requires_grad_(True)
+            ref_inputs = inputs.to(torch.float64, requires_grad=True)
             is_mlp = isinstance(case, MLPCase)
             op, ref = (torch.ops.cem.mlp, reference.mlp) if is_mlp else (torch.ops.cem.attention, reference.attention)
             out, want = op(*inputs.args()), ref(*ref_inputs.args())

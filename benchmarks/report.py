@@ -75,16 +75,17 @@ def table(rows: list[dict]) -> str:
     for (mode, config), impls in sorted(by_config.items(), key=order):
         any_row = next(iter(impls.values()))
         yard = llama.get(yardstick_key(any_row))
+        stock = best_stock(impls)
         for name in ("reference", *STOCK, "ours"):
             r = impls.get(name)
             if r is None:
                 continue
             peak = "" if r.get("peak_memory_bytes") is None else f"{r['peak_memory_bytes'] / 2**20:.0f}"
             ratios = []
-            for other in (impls.get("reference"), best_stock(impls)):
+            for other in (impls.get("reference"), stock):
                 ratios.append(f"{other['median_ms'] / r['median_ms']:.2f}x faster" if other and name == "ours" else "")
-            if name == "ours" and best_stock(impls):
-                ratios[1] += f" ({best_stock(impls)['impl']})"
+            if name == "ours" and stock:
+                ratios[1] += f" ({stock['impl']})"
             vs_llama = ""
             if yard and name == "ours":
                 vs_llama = f"{r['median_ms'] / yard['median_ms']:.2f}x time"

@@ -20,7 +20,7 @@ import torch
 import cem_ops
 from cem_ops import reference
 from cem_ops.ops.backends import cuda_attention_kernels, kernel_backends
-from cem_ops.testing import TOLERANCES, AttentionCase, assert_matches_reference, relative_error
+from cem_ops.testing import TOLERANCES, AttentionCase, assert_matches_reference, output_and_gradients, relative_error
 
 pytestmark = pytest.mark.cuda
 
@@ -76,12 +76,8 @@ def check_case(case: AttentionCase, rng: torch.Generator, record_error) -> None:
 
 def with_gradients(inputs, grad_out: torch.Tensor):
     """The op's output and the gradients of sum(out * grad_out), by input name."""
-    leaves = inputs.to(inputs.x.dtype)
-    for t in leaves.differentiable():
-        t.requires_grad_(True)
-    out = torch.ops.cem.attention(*leaves.args())
-    grads = torch.autograd.grad(out, leaves.differentiable(), grad_out)
-    return out.detach(), dict(zip(leaves.differentiable_names(), grads))
+    out, grads = output_and_gradients(torch.ops.cem.attention, inputs, inputs.x.dtype, grad_out)
+    return out.detach(), dict(zip(inputs.differentiable_names(), grads))
 
 
 # The option grid: every dtype x head dim x diagonal mode x sequence length, with the remaining
@@ -232,9 +228,7 @@ def test_cuda_graph_capture(rng) -> None:
     grad = torch.randn(low.x.shape, generator=rng).cuda()
     eager_out, eager_grads = with_gradients(low, grad)
 
-    static = low.to(torch.float32)
-    for t in static.differentiable():
-        t.requires_grad_(True)
+    static = low.to(torch.float32, requires_grad=True)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the graph (allocator, handles)

@@ -11,7 +11,7 @@ import cem_ops
 from cem_ops import reference
 from cem_ops.nn import CEMBlock
 from cem_ops.reference.mlp import ACTIVATIONS
-from cem_ops.testing import AttentionCase, MLPCase, assert_matches_reference, relative_error
+from cem_ops.testing import AttentionCase, MLPCase, assert_matches_reference, output_and_gradients, relative_error
 
 F64 = torch.float64
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -92,15 +92,10 @@ def test_cpu_low_precision_rounds_only_the_results(kind, dtype, rng, record_erro
         op, reference_fn = torch.ops.cem.mlp, reference.mlp
     inputs = case.make(rng)
     grad_out = torch.randn(inputs.x.shape, generator=rng).to(dtype)
-    got, exact = [], []
-    for fn, leaves in ((op, inputs.to(dtype)), (reference_fn, inputs.to(F64))):
-        for t in leaves.differentiable():
-            t.requires_grad_(True)
-        out = fn(*leaves.args())
-        grads = torch.autograd.grad(out, leaves.differentiable(), grad_out.to(out.dtype))
-        (got if fn is op else exact).extend([out, *grads])
+    out, grads = output_and_gradients(op, inputs, dtype, grad_out)
+    exact_out, exact_grads = output_and_gradients(reference_fn, inputs, F64, grad_out)
     eps = torch.finfo(dtype).eps
-    for name, g, e in zip(["out", *inputs.differentiable_names()], got, exact):
+    for name, g, e in zip(["out", *inputs.differentiable_names()], [out, *grads], [exact_out, *exact_grads]):
         err = record_error(f"{kind} CPU {dtype} vs float64, rounded once", relative_error(g, e))
         assert g.dtype == dtype and err < eps, f"{name}: error {err:.2e} against float64, bound {eps:.1e}"
 

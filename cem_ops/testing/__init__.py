@@ -2,8 +2,8 @@
 (cases), tolerances against the float64 reference (tolerances), the correctness policy every
 backend is held to (agreement), and FLOP and memory counts (cost)."""
 
-from .agreement import assert_matches_reference
-from .cases import AttentionCase, AttentionInputs, MLPCase, MLPInputs
+from .agreement import assert_matches_reference, output_and_gradients
+from .cases import AttentionCase, AttentionInputs, MLPCase, MLPInputs, OpInputs
 from .cost import attention_flops, cpu_peak_bytes, llama_attention_flops
 from .tolerances import (
     REFERENCE_ERROR_FACTOR,
@@ -19,6 +19,7 @@ __all__ = [
     "AttentionInputs",
     "MLPCase",
     "MLPInputs",
+    "OpInputs",
     "REFERENCE_ERROR_FACTOR",
     "TOLERANCES",
     "assert_matches_reference",
@@ -27,6 +28,7 @@ __all__ = [
     "error_bound",
     "llama_attention_flops",
     "low_precision_agrees",
+    "output_and_gradients",
     "relative_error",
     "rounding_sensitivity",
 ]

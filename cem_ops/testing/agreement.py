@@ -26,17 +26,12 @@ _REFERENCES = {
 }
 
 
-def _gradients(fn, inputs, grad_out):
-    out = fn(*inputs.args())
-    return out, torch.autograd.grad(out, inputs.differentiable(), grad_out.to(out.dtype))
-
-
-def _fresh(inputs, dtype):
-    """A detached copy in ``dtype`` with gradients enabled."""
-    copy = inputs.to(dtype)
-    for t in copy.differentiable():
-        t.requires_grad_(True)
-    return copy
+def output_and_gradients(fn, inputs, dtype: torch.dtype, grad_out: torch.Tensor):
+    """fn (schema order) on a fresh copy of ``inputs`` in ``dtype``: its output and the gradients
+    of sum(out * grad_out) for inputs.differentiable_names(), in that order."""
+    leaves = inputs.to(dtype, requires_grad=True)
+    out = fn(*leaves.args())
+    return out, torch.autograd.grad(out, leaves.differentiable(), grad_out.to(out.dtype))
 
 
 def _explicit_gradients(kind, inputs, grad_out):
@@ -61,8 +56,8 @@ def assert_matches_reference(kind: str, op: Callable, inputs, generator: torch.G
     prefix = f"{context}: " if context else ""
     # The upstream gradient is an input of the backward: round it like the other inputs.
     grad_out = torch.randn(inputs.x.shape, generator=generator, dtype=F64).to(dtype).to(F64).to(inputs.x.device)
-    out, got = _gradients(op, _fresh(inputs, dtype), grad_out)
-    want, expected = _gradients(reference_fn, _fresh(inputs, F64), grad_out)
+    out, got = output_and_gradients(op, inputs, dtype, grad_out)
+    want, expected = output_and_gradients(reference_fn, inputs, F64, grad_out)
     assert out.dtype == dtype and out.shape == inputs.x.shape, f"{prefix}output {out.dtype} {tuple(out.shape)}"
     err = record_error(f"{kind} forward {dtype}", relative_error(out, want))
     assert err < TOLERANCES[dtype], f"{prefix}output: error {err:.2e}, bound {TOLERANCES[dtype]:.0e}"
@@ -70,7 +65,7 @@ def assert_matches_reference(kind: str, op: Callable, inputs, generator: torch.G
     same_precision = expected
     sensitivity = [0.0] * len(expected)
     if dtype == torch.float32:
-        _, same_precision = _gradients(reference_fn, _fresh(inputs, dtype), grad_out)
+        _, same_precision = output_and_gradients(reference_fn, inputs, dtype, grad_out)
         sensitivity = rounding_sensitivity(reference_fn, inputs, grad_out, expected, generator)
     elif dtype != F64:
         same_precision = _explicit_gradients(kind, inputs.to(dtype), grad_out)

@@ -3,7 +3,8 @@ every call draws fresh values (seed the generator to replay one)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -16,6 +17,30 @@ def _random(generator, dtype, device, shape, std=1.0, low=None) -> Tensor:
     if low is not None:
         t = t.abs() + low
     return t.to(dtype).to(device)
+
+
+class OpInputs:
+    """The tensors of one op call (a dataclass in schema order); ``DIFFERENTIABLE`` names the
+    ones with gradients, in schema order."""
+
+    DIFFERENTIABLE: ClassVar[tuple[str, ...]] = ()
+
+    def differentiable_names(self) -> list[str]:
+        return [name for name in self.DIFFERENTIABLE if getattr(self, name) is not None]
+
+    def differentiable(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self.differentiable_names()]
+
+    def requires_grad_(self):
+        for t in self.differentiable():
+            t.requires_grad_(True)
+        return self
+
+    def to(self, dtype: torch.dtype, requires_grad: bool = False):
+        """A detached copy in ``dtype`` (with gradients enabled where asked)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        copy = replace(self, **{k: v.detach().to(dtype, copy=True) for k, v in values.items() if isinstance(v, Tensor)})
+        return copy.requires_grad_() if requires_grad else copy
 
 
 @dataclass(frozen=True)
@@ -55,14 +80,13 @@ class AttentionCase:
             step_size=draw(self.steps, std=0.4, low=0.2),
             scale=self.scale,
         )
-        if requires_grad:
-            for t in inputs.differentiable():
-                t.requires_grad_(True)
-        return inputs
+        return inputs.requires_grad_() if requires_grad else inputs
 
 
 @dataclass
-class AttentionInputs:
+class AttentionInputs(OpInputs):
+    DIFFERENTIABLE: ClassVar[tuple[str, ...]] = ("x", "w_q", "w_k", "diag", "precond_diag", "precond_lowrank",
+                                                 "step_size")  # alibi_slopes are constants
     x: Tensor
     w_q: Tensor
     w_k: Tensor
@@ -79,20 +103,6 @@ class AttentionInputs:
             self.x, self.w_q, self.w_k, self.diag, self.alibi_slopes,
             self.precond_diag, self.precond_lowrank, self.step_size, self.scale,
         )
-
-    def differentiable_names(self) -> list[str]:
-        """The inputs with gradients, in schema order (alibi_slopes are constants)."""
-        names = ("x", "w_q", "w_k", "diag", "precond_diag", "precond_lowrank", "step_size")
-        return [name for name in names if getattr(self, name) is not None]
-
-    def differentiable(self) -> list[Tensor]:
-        return [getattr(self, name) for name in self.differentiable_names()]
-
-    def to(self, dtype: torch.dtype) -> "AttentionInputs":
-        def cast(t):
-            return None if t is None else t.detach().to(dtype)
-
-        return AttentionInputs(*(cast(t) for t in self.args()[:-1]), scale=self.scale)
 
 
 @dataclass(frozen=True)
@@ -125,14 +135,12 @@ class MLPCase:
             step_size=draw(self.steps, std=0.4, low=0.2),
             activation=self.activation,
         )
-        if requires_grad:
-            for t in inputs.differentiable():
-                t.requires_grad_(True)
-        return inputs
+        return inputs.requires_grad_() if requires_grad else inputs
 
 
 @dataclass
-class MLPInputs:
+class MLPInputs(OpInputs):
+    DIFFERENTIABLE: ClassVar[tuple[str, ...]] = ("x", "w", "v", "precond_diag", "precond_lowrank", "step_size")
     x: Tensor
     w: Tensor
     v: Tensor
@@ -145,15 +153,3 @@ class MLPInputs:
         """Positional arguments in schema order (torch.ops.cem.mlp)."""
         return (self.x, self.w, self.v, self.precond_diag, self.precond_lowrank, self.step_size, self.activation)
 
-    def differentiable_names(self) -> list[str]:
-        names = ("x", "w", "v", "precond_diag", "precond_lowrank", "step_size")
-        return [name for name in names if getattr(self, name) is not None]
-
-    def differentiable(self) -> list[Tensor]:
-        return [getattr(self, name) for name in self.differentiable_names()]
-
-    def to(self, dtype: torch.dtype) -> "MLPInputs":
-        def cast(t):
-            return None if t is None else t.detach().to(dtype)
-
-        return MLPInputs(*(cast(t) for t in self.args()[:-1]), activation=self.activation)

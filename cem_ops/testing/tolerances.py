@@ -47,9 +47,7 @@ def rounding_sensitivity(fn, inputs, grad_out: Tensor, expected, generator: torc
             for t in leaves:
                 noise = torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device)
                 t.mul_(1 + eps * noise)
-        for t in leaves:
-            t.requires_grad_(True)
-        grads = torch.autograd.grad(fn(*noisy.args()), leaves, grad_out)
+        grads = torch.autograd.grad(fn(*noisy.requires_grad_().args()), leaves, grad_out)
         worst = [max(w, relative_error(g, e)) for w, g, e in zip(worst, grads, expected)]
     return worst
 
