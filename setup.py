@@ -3,6 +3,8 @@
 Environment:
   CEM_OPS_CUDA=0|1        force the CUDA kernels off or on (also off/on, false/true, no/yes; default: on
                           when torch has CUDA and nvcc is found)
+  CEM_OPS_CUDA_EMULATION=0|1  force the emulated CUDA backend (cem_ops._C_emulated, the CUDA kernels run
+                          on the CPU for tests) off or on (default: on when the CUDA headers are found)
   TORCH_CUDA_ARCH_LIST    e.g. "8.0;9.0a" (the default) or "9.0a"; "+PTX" adds PTX for that arch; 8.0 or newer
   CUDA_HOME               CUDA toolkit root (default: /usr/local/cuda, else nvcc on PATH)
   MAX_JOBS                parallel compile jobs (default: bounded by cores and free memory)
@@ -58,6 +60,28 @@ def env_switch(name: str) -> bool | None:
     if value in ("0", "off", "false", "no"):
         return False
     raise RuntimeError(f"{name} must be 0 or 1 (or off/on, false/true, no/yes), got {os.environ[name]!r}")
+
+
+def find_cuda_headers() -> str | None:
+    """The CUDA toolkit's include directory (cuda_fp16.h and friends), without needing nvcc."""
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(variable):
+            include = Path(os.environ[variable]) / "include"
+            return str(include) if (include / "cuda_fp16.h").is_file() else None
+    nvcc = shutil.which("nvcc")
+    candidates = [Path("/usr/local/cuda/include")] + ([Path(nvcc).resolve().parent.parent / "include"] if nvcc else [])
+    return next((str(c) for c in candidates if (c / "cuda_fp16.h").is_file()), None)
+
+
+def emulation_headers() -> str | None:
+    """Where the emulated CUDA backend finds the CUDA headers, or None to build without it."""
+    flag = env_switch("CEM_OPS_CUDA_EMULATION")
+    if flag is False:
+        return None
+    headers = find_cuda_headers()
+    if flag and headers is None:
+        raise RuntimeError("CEM_OPS_CUDA_EMULATION=1 but no CUDA headers (cuda_fp16.h) were found (set CUDA_HOME)")
+    return headers
 
 
 def cuda_enabled(torch_module) -> tuple[bool, str | None]:
@@ -127,12 +151,15 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
+        if ext.name != "cem_ops._C":
+            return  # one CMake build makes every module, next to _C
         import torch
 
         output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = ROOT / "build" / f"cmake-py{sys.version_info.major}{sys.version_info.minor}"
         jobs = parallel_jobs()  # settings are checked before anything compiles
         with_cuda, nvcc = cuda_enabled(torch)
+        emulation_include = emulation_headers()
         source_hash = load_module("_source_hash", ROOT / "cem_ops" / "_source_hash.py").source_hash(ROOT)
         args = [
             f"-DPython3_EXECUTABLE={sys.executable}",
@@ -140,6 +167,8 @@ class CMakeBuild(build_ext):
             f"-DCEM_OPS_SOURCE_HASH={source_hash}",
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DCEM_OPS_CUDA={'ON' if with_cuda else 'OFF'}",
+            f"-DCEM_OPS_CUDA_EMULATION={'ON' if emulation_include else 'OFF'}",
+            f"-DCEM_OPS_CUDA_INCLUDE_DIR={emulation_include or ''}",
         ]
         if with_cuda:
             arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCH_LIST
@@ -150,7 +179,8 @@ class CMakeBuild(build_ext):
             args.append(f"-DCEM_OPS_PTXAS_VERBOSE={'ON' if os.environ.get('CEM_OPS_PTXAS_VERBOSE') == '1' else 'OFF'}")
         if shutil.which("ccache"):
             args += ["-DCMAKE_CXX_COMPILER_LAUNCHER=ccache", "-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
-        print(f"cem_ops: building with CUDA {'on' if with_cuda else 'off'}, {jobs} jobs", flush=True)
+        print(f"cem_ops: building with CUDA {'on' if with_cuda else 'off'}, emulated CUDA backend "
+              f"{'on' if emulation_include else 'off'}, {jobs} jobs", flush=True)
         subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja", *args])
         subprocess.check_call(["cmake", "--build", str(build_dir), "--parallel", str(jobs)])
 
@@ -162,7 +192,7 @@ setup(
     packages=find_packages(include=["cem_ops", "cem_ops.*"]),
     python_requires=">=3.10",
     install_requires=[torch_requirement()],
-    ext_modules=[CMakeExtension("cem_ops._C")],
+    ext_modules=[CMakeExtension("cem_ops._C")] + ([CMakeExtension("cem_ops._C_emulated")] if emulation_headers() else []),
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
 )

@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "ops/cuda_emulation.h"
+
 #ifdef CEM_OPS_WITH_CUDA
 #include "cuda/kernel_registry.h"
 #endif
@@ -19,8 +21,26 @@
 #define CEM_OPS_CUDA_ARCHS ""
 #endif
 
+namespace {
+
+// _set_cuda_emulation(enabled) -> previous: cem_ops.testing.cuda_emulation() flips it per thread.
+PyObject* set_cuda_emulation(PyObject*, PyObject* arg) {
+  const int enabled = PyObject_IsTrue(arg);
+  if (enabled < 0) {
+    return nullptr;
+  }
+  return PyBool_FromLong(cem::set_cuda_emulation(enabled != 0));
+}
+
+PyMethodDef methods[] = {
+    {"_set_cuda_emulation", set_cuda_emulation, METH_O, "Route CPU attention kernel ops to cem_ops._C_emulated."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "cem_ops compiled operators", -1, nullptr};
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "cem_ops compiled operators", -1, methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) {
     return nullptr;

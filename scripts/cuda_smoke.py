@@ -5,12 +5,19 @@ ragged head dim, every diagonal mode (two panels each), ALiBi and the full preco
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python scripts/cuda_smoke.py
 
 Without the caching allocator every tensor is its own allocation, so memcheck sees accesses past
-the end of any one of them. Exits non-zero on a non-finite result.
+the end of any one of them. With --emulated the same paths run in the emulated CUDA backend on
+CPU tensors; under AddressSanitizer that is the CPU's memcheck (exactly-sized allocations):
+
+    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \
+        ASAN_OPTIONS=detect_leaks=0 python scripts/cuda_smoke.py --emulated
+
+Exits non-zero on a non-finite result or a failed kernel.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import sys
@@ -19,18 +26,19 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cem_ops  # noqa: E402
-from cem_ops.testing import AttentionCase  # noqa: E402
+from cem_ops.testing import AttentionCase, cuda_emulation  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def run_once(dtype: torch.dtype, head_dim: int, diag: str, seq: int) -> None:
+def run_once(dtype: torch.dtype, head_dim: int, diag: str, seq: int, device: str) -> None:
     case = AttentionCase(batch=1, seq=seq, dim=40, heads=2, head_dim=head_dim, steps=2, diag=diag, precond_rank=2,
-                         dtype=dtype, device="cuda")
+                         dtype=dtype, device=device)
     inputs = case.make(torch.Generator().manual_seed(0), requires_grad=True)
     out = torch.ops.cem.attention(*inputs.args())
     grads = torch.autograd.grad(out, inputs.differentiable(), torch.randn_like(out))
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     bad = [i for i, t in enumerate((out, *grads)) if not torch.isfinite(t).all()]
     if bad:
         raise SystemExit(f"non-finite results {bad} for {dtype} Dh={head_dim} diag={diag} N={seq}")
@@ -42,13 +50,19 @@ def main() -> None:
     parser.add_argument("--dtypes", default="fp32,fp16,bf16")
     parser.add_argument("--head-dims", default="64,59,128,100")
     parser.add_argument("--seq", type=int, default=70, help="query rows (70: two tiles, the second ragged)")
+    parser.add_argument("--emulated", action="store_true", help="run on CPU tensors in the emulated CUDA backend")
+    parser.add_argument("--plant", default="none", help="with --emulated: a planted bug (cem_ops._C_emulated.plant)")
     args = parser.parse_args()
     os.environ.setdefault("CEM_OPS_PANEL_ROWS", "64")  # two diagonal panels at N = 70
     print(cem_ops.build_info(), flush=True)
-    for name, head_dim, diag in itertools.product(
-        args.dtypes.split(","), [int(d) for d in args.head_dims.split(",")], ("none", "shared", "per_head")
-    ):
-        run_once(DTYPES[name], head_dim, diag, args.seq)
+    context = cuda_emulation() if args.emulated else contextlib.nullcontext()
+    with context as backend:
+        if args.emulated:
+            backend.plant(args.plant)
+        for name, head_dim, diag in itertools.product(
+            args.dtypes.split(","), [int(d) for d in args.head_dims.split(",")], ("none", "shared", "per_head")
+        ):
+            run_once(DTYPES[name], head_dim, diag, args.seq, "cpu" if args.emulated else "cuda")
 
 
 if __name__ == "__main__":

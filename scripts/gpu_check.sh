@@ -5,7 +5,9 @@
 #   scripts/gpu_check.sh env        GPU identity (nvidia-ml-py / nvidia-smi), toolchain versions
 #   scripts/gpu_check.sh build      pip install --no-build-isolation -e . for this GPU's arch only
 #                                   (unless TORCH_CUDA_ARCH_LIST is set), import check
-#   scripts/gpu_check.sh test       tests/test_cuda_attention.py (then the whole suite)
+#   scripts/gpu_check.sh test       the GPU tests (tests/test_cuda_attention.py, the primitive-layout twin of
+#                                   tests/test_emulator.py), then the rest of the suite (the emulated
+#                                   backend is not built here: CI runs it)
 #   scripts/gpu_check.sh sanitize   compute-sanitizer memcheck, racecheck, synccheck on small shapes
 #   scripts/gpu_check.sh bench      ceilings + attention speed grid (quick slice unless BENCH_FULL=1),
 #                                   JSON, Markdown and PNG under benchmarks/results/; BENCH_IMPLS
@@ -77,6 +79,7 @@ stage_build() {
   done
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
   export CEM_OPS_CUDA=1
+  export CEM_OPS_CUDA_EMULATION=${CEM_OPS_CUDA_EMULATION:-0}  # the CPU emulation is CI's job, not the GPU's
   # Only this GPU's architecture (sm_90a on Hopper, sm_80 code for any Ampere) unless told.
   if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
     TORCH_CUDA_ARCH_LIST=$("$PYTHON" -c "import torch; m, n = torch.cuda.get_device_capability(); print('9.0a' if (m, n) == (9, 0) else '8.0' if m == 8 else f'{m}.{n}')")
@@ -95,8 +98,8 @@ stage_build() {
 stage_test() {
   : > "$LOGDIR/test.log"
   # Up to 10 failures: one failing case should not hide the pattern of the others.
-  run_logged test "$PYTHON" -m pytest -q --maxfail=10 -ra tests/test_cuda_attention.py || return 1
-  run_logged test "$PYTHON" -m pytest -q -ra tests
+  run_logged test "$PYTHON" -m pytest -q --maxfail=10 -ra -m cuda tests/test_cuda_attention.py tests/test_emulator.py || return 1
+  run_logged test "$PYTHON" -m pytest -q -ra -m "not cuda and not emulation" tests
 }
 
 stage_sanitize() {

@@ -98,8 +98,10 @@ def cuda_attention_kernels() -> dict[str, tuple[int, ...]]:
 
 
 def build_info() -> dict[str, object]:
-    """How cem_ops._C was built and which backends run each op."""
+    """How cem_ops._C was built, which backends run each op, and whether the emulated CUDA
+    backend (cem_ops.testing.cuda_emulation) was built."""
     from .. import _C
+    from ..testing.emulation import emulation_available
 
     return {
         "torch_version": _C.torch_version,
@@ -107,5 +109,6 @@ def build_info() -> dict[str, object]:
         "with_cuda": bool(_C.with_cuda),
         "cuda_archs": _C.cuda_archs,
         "cuda_attention_kernels": cuda_attention_kernels(),
+        "cuda_emulation": emulation_available(),
         "kernels": kernel_backends(),
     }

@@ -173,14 +173,17 @@ def attention(
     return fwd.out
 
 
-def _step_at(x, context, w_q, w_k, diag, alibi_slopes, scale) -> tuple[AttentionStep, float]:
-    """One step's quantities for an iterate x given a context, in the accumulation dtype."""
+def attention_step_at(x: Tensor, context: Tensor, w_q: Tensor, w_k: Tensor, diag: Tensor | None = None,
+                      alibi_slopes: Tensor | None = None, scale: float | None = None,
+                      storage: torch.dtype | None = None) -> AttentionStep:
+    """One step's quantities (G, o, the diagonal's value term, lse) for iterate x given a context,
+    in the accumulation dtype of x; q and k rounded through ``storage`` as in attention_forward."""
     acc = accumulation_dtype(x.dtype)
     beta = resolve_scale(scale, w_q.shape[1])
     c = context.to(acc)
-    keys = project(c, w_k.to(acc))
+    keys = project(c, w_k.to(acc), storage)
     bias = causal_bias(alibi_slopes, x.shape[1], acc, x.device)
-    return attention_step(x.to(acc), c, keys, w_q.to(acc), cast(diag, acc), bias, beta), beta
+    return attention_step(x.to(acc), c, keys, w_q.to(acc), cast(diag, acc), bias, beta, storage)
 
 
 def attention_neg_grad(
@@ -193,7 +196,7 @@ def attention_neg_grad(
     scale: float | None = None,
 ) -> Tensor:
     """G(x) = -grad E(x) for iterate x and context c, shape (B, N, D), accumulation dtype."""
-    return _step_at(x, context, w_q, w_k, diag, alibi_slopes, scale)[0].neg_grad
+    return attention_step_at(x, context, w_q, w_k, diag, alibi_slopes, scale).neg_grad
 
 
 def attention_energy(
@@ -206,5 +209,5 @@ def attention_energy(
     scale: float | None = None,
 ) -> Tensor:
     """E_i(x) = -(1/beta) sum_k log sum_{j<=i} exp(s^k_ij(x)), shape (B, N), dtype of x."""
-    step, beta = _step_at(x, context, w_q, w_k, diag, alibi_slopes, scale)
-    return (-step.lse.sum(1) / beta).to(x.dtype)
+    step = attention_step_at(x, context, w_q, w_k, diag, alibi_slopes, scale)
+    return (-step.lse.sum(1) / resolve_scale(scale, w_q.shape[1])).to(x.dtype)

@@ -1,11 +1,16 @@
 """The one correctness policy every backend is held to: an op's output and gradients against the
 float64 reference on the same (rounded) inputs.
 
-  float64: output and gradients within TOLERANCES[float64];
-  float32: output within 1e-4; gradients within error_bound of the larger of the float32
-           reference's own error and rounding_sensitivity (what float32-sized input noise does);
-  bfloat16/float16: output within 1e-2; gradients low_precision_agrees with the reference forward
-           + explicit backward run at the same precision (the rounding points of every backend).
+  output: within TOLERANCES[dtype] of float64 (1e-4 float32, 1e-2 bfloat16/float16);
+  gradients: within error_bound of the larger of the same-precision reference's own error and
+           the conditioning (rounding_sensitivity: what input noise of the dtype's rounding size
+           does to the float64 gradients); bfloat16/float16 gradients also pass when within 1e-2
+           of the reference forward + explicit backward run at their precision.
+
+The conditioning term matters for cancelling sums such as the step-size gradient, one scalar per
+step: there any implementation's rounding points (the CUDA kernels round P and dS to the input
+dtype for the tensor cores, the reference keeps them in float32) can put valid results several
+times the reference's own error apart. It is measured only for gradients that need it.
 """
 
 from __future__ import annotations
@@ -63,26 +68,35 @@ def assert_matches_reference(kind: str, op: Callable, inputs, generator: torch.G
     assert err < TOLERANCES[dtype], f"{prefix}output: error {err:.2e}, bound {TOLERANCES[dtype]:.0e}"
 
     same_precision = expected
-    sensitivity = [0.0] * len(expected)
     if dtype == torch.float32:
         _, same_precision = output_and_gradients(reference_fn, inputs, dtype, grad_out)
-        sensitivity = rounding_sensitivity(reference_fn, inputs, grad_out, expected, generator)
     elif dtype != F64:
         same_precision = _explicit_gradients(kind, inputs.to(dtype), grad_out)
-    failures = []
     names = inputs.differentiable_names()
-    for name, g, e, s, noise in zip(names, got, expected, same_precision, sensitivity):
+    for name, g, e, s in zip(names, got, expected, same_precision):
         assert g.dtype == dtype and g.shape == e.shape, f"{prefix}grad {name}: {g.dtype} {tuple(g.shape)}"
-        err = record_error(f"{kind} gradients {dtype} vs float64", relative_error(g, e))
-        if dtype in (F64, torch.float32):
-            bound = error_bound(dtype, max(relative_error(s, e), noise))
-            if not err < bound:
-                failures.append(f"grad {name}: error {err:.2e}, bound {bound:.2e}")
-        else:
+        record_error(f"{kind} gradients {dtype} vs float64", relative_error(g, e))
+        if dtype not in (F64, torch.float32):
             record_error(f"{kind} gradients {dtype} vs reference at {dtype}", relative_error(g, s))
-            if not low_precision_agrees(g, e, s, dtype):
-                failures.append(
-                    f"grad {name}: error {relative_error(g, s):.2e} against the {dtype} reference, {err:.2e} "
-                    f"against float64 (the {dtype} reference's own: {relative_error(s, e):.2e})"
-                )
+
+    def agrees(g, e, s, conditioning: float) -> bool:
+        if dtype in (F64, torch.float32):
+            return relative_error(g, e) < error_bound(dtype, max(relative_error(s, e), conditioning))
+        return low_precision_agrees(g, e, s, dtype, conditioning)
+
+    # The conditioning (rounding_sensitivity) costs two more reference runs: only measured for
+    # gradients that do not agree without it.
+    pending = [i for i, (g, e, s) in enumerate(zip(got, expected, same_precision)) if not agrees(g, e, s, 0.0)]
+    failures = []
+    if pending:
+        sensitivity = rounding_sensitivity(reference_fn, inputs, grad_out, expected, generator, dtype=dtype)
+        for i in pending:
+            g, e, s, noise = got[i], expected[i], same_precision[i], sensitivity[i]
+            if agrees(g, e, s, noise):
+                continue
+            bound = error_bound(dtype, max(relative_error(s, e), noise))
+            detail = f"grad {names[i]}: error {relative_error(g, e):.2e} against float64, bound {bound:.2e}"
+            if dtype not in (F64, torch.float32):
+                detail += f" (and {relative_error(g, s):.2e} against the {dtype} reference)"
+            failures.append(detail)
     assert not failures, prefix + "; ".join(failures)

@@ -52,16 +52,18 @@ def rounding_sensitivity(fn, inputs, grad_out: Tensor, expected, generator: torc
     return worst
 
 
-def low_precision_agrees(got: Tensor, exact: Tensor, same_precision: Tensor, dtype: torch.dtype) -> bool:
+def low_precision_agrees(got: Tensor, exact: Tensor, same_precision: Tensor, dtype: torch.dtype,
+                         conditioning: float = 0.0) -> bool:
     """A bfloat16/float16 result is right when it is within the contract's tolerance of the
     reference run at the same precision, or when its error against float64 is within
-    error_bound of that reference's own. Two valid low-precision implementations can round an
-    iterate to different neighbours; on ill-conditioned inputs that alone parts them by more
-    than 1e-2, and exactly there the reference's own error is large too. A wrong result fails
-    both."""
+    error_bound of the larger of that reference's own error and ``conditioning`` (the
+    rounding_sensitivity at ``dtype``). Two valid low-precision implementations can round an
+    iterate, or a tensor-core operand, to different neighbours; on ill-conditioned inputs that
+    alone parts them by more than 1e-2, and exactly there the reference's own error or the
+    conditioning is large too. A wrong result fails all three."""
     if relative_error(got, same_precision) < TOLERANCES[dtype]:
         return True
-    return relative_error(got, exact) <= error_bound(dtype, relative_error(same_precision, exact))
+    return relative_error(got, exact) <= error_bound(dtype, max(relative_error(same_precision, exact), conditioning))
 
 
 def relative_error(out: Tensor, ref: Tensor) -> float:

@@ -11,6 +11,7 @@
 #include "cpu/attention_glue.h"
 #include "cpu/preconditioner.h"
 #include "ops/autocast_off.h"
+#include "ops/emulated_op.h"
 #include "ops/saved_state.h"
 
 namespace cem::cpu {
@@ -129,6 +130,11 @@ Grads attention_bwd_cpu(
     const OptTensor& diag, const OptTensor& alibi_slopes, const OptTensor& precond_diag,
     const OptTensor& precond_lowrank, const at::Tensor& step_size, std::optional<double> scale,
     const at::Tensor& iterates, const at::Tensor& head_outputs, const at::Tensor& diag_values, const at::Tensor& lse) {
+  if (cuda_emulation_enabled()) {
+    static const auto emulated = emulated_op<decltype(attention_bwd_cpu)>("cem_emulated::attention_bwd");
+    return emulated.call(grad_out, x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale,
+                         iterates, head_outputs, diag_values, lse);
+  }
   const AutocastOff autocast_off;
   const AttentionSizes s = check_attention_args(
       "cem::attention_bwd", x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale);

@@ -7,6 +7,7 @@
 
 #include "cpu/attention_glue.h"
 #include "ops/autocast_off.h"
+#include "ops/emulated_op.h"
 #include "ops/saved_state.h"
 
 namespace cem::cpu {
@@ -81,6 +82,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_k, const OptTensor& diag,
     const OptTensor& alibi_slopes, const OptTensor& precond_diag, const OptTensor& precond_lowrank,
     const at::Tensor& step_size, std::optional<double> scale, bool save_for_backward) {
+  if (cuda_emulation_enabled()) {
+    static const auto emulated = emulated_op<decltype(attention_fwd_cpu)>("cem_emulated::attention_fwd");
+    return emulated.call(x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale,
+                         save_for_backward);
+  }
   const AutocastOff autocast_off;
   const AttentionSizes s = check_attention_args(
       "cem::attention_fwd", x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale);

@@ -2,8 +2,6 @@
 // the dense products through ATen/cuBLAS, the attention core's backward through the tile kernels
 // (recomputing probabilities from the saved iterates and log-sum-exp), docs/backward.md order.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <string>
@@ -123,7 +121,7 @@ BwdResult attention_bwd_cuda(
   }
   check_launch_limits(kOp, s);
 
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const auto dtype = x.scalar_type();
   const auto f32 = x.options().dtype(at::kFloat);
   auto grad_wq = at::zeros({s.heads * s.head_dim, s.dim}, f32);
@@ -211,6 +209,6 @@ BwdResult attention_bwd_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cem, CUDA, m) { m.impl("attention_bwd", &attention_bwd_cuda); }
+CEM_CUDA_LIBRARY_IMPL(m) { m.impl("attention_bwd", &attention_bwd_cuda); }
 
 }  // namespace cem::cuda

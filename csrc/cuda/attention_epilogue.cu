@@ -2,11 +2,10 @@
 //   PG = p * G + U (U^T G),  Delta += eta_t PG,  x^{t+1} = round(x^0 + Delta),  out = round(Delta).
 // G and Z = U^T G come from cuBLAS in float32; this kernel fuses everything elementwise so Delta
 // is read and written once per step.
-#include <cuda_runtime.h>
-
-#include "attention_params.h"
-#include "kernel_registry.h"
-#include "tile_ops.cuh"
+#include "cuda/attention_params.h"
+#include "cuda/device_runtime.cuh"
+#include "cuda/kernel_registry.h"
+#include "cuda/tile_ops.cuh"
 
 namespace cem::cuda {
 namespace {
@@ -46,11 +45,8 @@ __global__ void __launch_bounds__(kEpilogueThreads) attention_epilogue_kernel(co
 
 template <typename T>
 cudaError_t launch(const CemEpilogueParams& p, cudaStream_t stream) {
-  if (p.rows == 0) {
-    return cudaSuccess;
-  }
-  attention_epilogue_kernel<T><<<static_cast<unsigned int>(p.rows), kEpilogueThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel("attention_epilogue_kernel", attention_epilogue_kernel<T>, dim3(static_cast<unsigned int>(p.rows)),
+                       dim3(kEpilogueThreads), 0, 0, stream, p);
 }
 
 }  // namespace

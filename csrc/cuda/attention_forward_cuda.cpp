@@ -2,8 +2,6 @@
 // attention core (per-head tile kernels, and the diagonal's row panels: attention_setup.h), then
 // the fused epilogue kernel that applies the preconditioner and the step.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <string>
@@ -68,7 +66,7 @@ FwdResult attention_fwd_cuda(
   }
   check_launch_limits(kOp, s);
 
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   auto state = allocate_attention_state(x, s, save_for_backward);
   if (s.batch == 0 || s.seq == 0) {
     return state.as_tuple();
@@ -136,6 +134,6 @@ FwdResult attention_fwd_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cem, CUDA, m) { m.impl("attention_fwd", &attention_fwd_cuda); }
+CEM_CUDA_LIBRARY_IMPL(m) { m.impl("attention_fwd", &attention_fwd_cuda); }
 
 }  // namespace cem::cuda

@@ -8,21 +8,18 @@
 // as float32 row panels (score_bias, dp_bias) computed once for all heads by cuBLAS.
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cmath>
 
-#include "attention_params.h"
-#include "kernel_registry.h"
-#include "tile_ops.cuh"
+#include "cuda/attention_params.h"
+#include "cuda/device_runtime.cuh"
+#include "cuda/kernel_registry.h"
+#include "cuda/tile_ops.cuh"
 
 namespace cem::cuda {
 
-extern __shared__ __align__(128) unsigned char cem_smem[];
-
 template <typename U>
 __device__ __forceinline__ U* smem_at(int offset) {
-  return reinterpret_cast<U*>(cem_smem + offset);
+  return reinterpret_cast<U*>(dynamic_smem() + offset);
 }
 
 constexpr int round_up_128(int bytes) { return (bytes + 127) / 128 * 128; }
@@ -614,23 +611,6 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_tile_probs_kernel(cons
 // ---------------------------------------------------------------------------------------------
 // Launchers and the kernel set registered by each generated TU.
 
-// `smem_layout` is the kernel's full layout (the attribute, always the same value per kernel so
-// that concurrent host threads never shrink it under each other); `smem` is what this launch uses.
-template <class Kernel>
-cudaError_t launch_attention_kernel(
-    Kernel kernel, dim3 grid, int threads, int smem_layout, int smem, cudaStream_t stream, const CemAttnParams& p) {
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) {
-    return cudaSuccess;
-  }
-  // Above 48 KiB a block must opt in; per device, so set it on every launch (cheap).
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_layout);
-  if (err != cudaSuccess) {
-    return err;
-  }
-  kernel<<<grid, threads, smem, stream>>>(p);
-  return cudaGetLastError();
-}
-
 template <class Tr>
 struct AttentionLaunchers {
   static int tiles_in_launch(const CemAttnParams& p) {
@@ -638,25 +618,26 @@ struct AttentionLaunchers {
   }
   static cudaError_t fwd(const CemAttnParams& p, cudaStream_t s) {
     const dim3 grid(tiles_in_launch(p), p.heads, p.batch);
-    return launch_attention_kernel(attention_fwd_kernel<Tr>, grid, Tr::kThreads, Tr::kSmemFwd, Tr::kSmemFwd, s, p);
+    return launch_kernel("attention_fwd_kernel", attention_fwd_kernel<Tr>, grid, dim3(Tr::kThreads), Tr::kSmemFwd, Tr::kSmemFwd, s, p);
   }
   static cudaError_t bwd_delta(const CemAttnParams& p, cudaStream_t s) {
     const dim3 grid(tiles_in_launch(p), p.heads, p.batch);
     const int smem = p.dp_bias.ptr != nullptr ? Tr::kSmemDelta : 0;  // without a diagonal: no tiles
-    return launch_attention_kernel(attention_bwd_delta_kernel<Tr>, grid, Tr::kThreads, Tr::kSmemDelta, smem, s, p);
+    return launch_kernel("attention_bwd_delta_kernel", attention_bwd_delta_kernel<Tr>, grid, dim3(Tr::kThreads), Tr::kSmemDelta, smem, s, p);
   }
   static cudaError_t bwd_dq(const CemAttnParams& p, cudaStream_t s) {
     const dim3 grid(tiles_in_launch(p), p.heads, p.batch);
-    return launch_attention_kernel(attention_bwd_dq_kernel<Tr>, grid, Tr::kThreads, Tr::kSmemDq, Tr::kSmemDq, s, p);
+    return launch_kernel("attention_bwd_dq_kernel", attention_bwd_dq_kernel<Tr>, grid, dim3(Tr::kThreads), Tr::kSmemDq, Tr::kSmemDq, s, p);
   }
   static cudaError_t bwd_dk(const CemAttnParams& p, cudaStream_t s) {
     const dim3 grid(ceil_div(p.row_end, Tr::kBlock), p.heads, p.batch);  // every key tile up to row_end
-    return launch_attention_kernel(attention_bwd_dk_kernel<Tr>, grid, Tr::kThreads, Tr::kSmemDk, Tr::kSmemDk, s, p);
+    return launch_kernel("attention_bwd_dk_kernel", attention_bwd_dk_kernel<Tr>, grid, dim3(Tr::kThreads), Tr::kSmemDk, Tr::kSmemDk, s, p);
   }
   template <bool kGrad>
   static cudaError_t tile_probs(const CemAttnParams& p, cudaStream_t s) {
     const dim3 grid(ceil_div(p.row_end, Tr::kBlock), tiles_in_launch(p), p.batch);
-    return launch_attention_kernel(attention_tile_probs_kernel<Tr, kGrad>, grid, Tr::kThreads, Tr::kSmemProbs, Tr::kSmemProbs, s, p);
+    return launch_kernel(kGrad ? "attention_tile_probs_grad_kernel" : "attention_tile_probs_kernel", attention_tile_probs_kernel<Tr, kGrad>,
+                         grid, dim3(Tr::kThreads), Tr::kSmemProbs, Tr::kSmemProbs, s, p);
   }
 };
 

@@ -1,8 +1,6 @@
 #include "cuda/attention_setup.h"
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that needs the cuBLAS/cuSPARSE headers
 #include <torch/version.h>
 
 #include <algorithm>
@@ -70,23 +68,34 @@ void warn_fallback(const char* op, const std::string& why, at::ScalarType dtype)
 }
 
 // Low-precision operands, float32 output: cuBLAS accumulates in float32 either way. The
-// out_dtype overloads arrived in torch 2.8; older torch gets float32 operands instead.
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+// out_dtype overloads exist for CUDA tensors since torch 2.8; elsewhere (older torch, and the CPU
+// tensors of the emulated backend) float32 copies of the operands give the same products.
 at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b) {
-  return a.scalar_type() == at::kFloat ? at::mm(a, b) : at::mm(a, b, at::kFloat);
+  if (a.scalar_type() == at::kFloat) {
+    return at::mm(a, b);
+  }
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  if (a.is_cuda()) {
+    return at::mm(a, b, at::kFloat);
+  }
+#endif
+  return at::mm(a.to(at::kFloat), b.to(at::kFloat));
 }
 
 at::Tensor bmm_f32(const at::Tensor& a, const at::Tensor& b) {
-  return a.scalar_type() == at::kFloat ? at::bmm(a, b) : at::bmm(a, b, at::kFloat);
-}
-#else
-at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b) { return at::mm(a.to(at::kFloat), b.to(at::kFloat)); }
-
-at::Tensor bmm_f32(const at::Tensor& a, const at::Tensor& b) { return at::bmm(a.to(at::kFloat), b.to(at::kFloat)); }
+  if (a.scalar_type() == at::kFloat) {
+    return at::bmm(a, b);
+  }
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  if (a.is_cuda()) {
+    return at::bmm(a, b, at::kFloat);
+  }
 #endif
+  return at::bmm(a.to(at::kFloat), b.to(at::kFloat));
+}
 
 void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "cem attention CUDA kernel '", what, "' failed to launch: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "cem attention CUDA kernel '", what, "' failed: ", launch_error_text(err));
 }
 
 void check_launch_limits(const char* op, const AttentionSizes& s) {
@@ -97,10 +106,17 @@ void check_launch_limits(const char* op, const AttentionSizes& s) {
       s.batch * s.seq <= INT_MAX, op, ": B * N = ", s.batch * s.seq, " rows exceed the CUDA grid limit ", INT_MAX);
 }
 
-void check_device_smem(const char* op, const AttentionKernelSet& set) {
+#ifndef CEM_CUDA_EMULATION
+int max_dynamic_smem_optin() {
   int device = 0, limit = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return limit;
+}
+#endif
+
+void check_device_smem(const char* op, const AttentionKernelSet& set) {
+  const int limit = max_dynamic_smem_optin();
   TORCH_CHECK(
       set.smem_bytes <= limit, op, ": the CUDA kernels need ", set.smem_bytes,
       " bytes of shared memory per block but this device allows ", limit, " (they are built for sm_80 and sm_90)");
@@ -125,7 +141,7 @@ Setup make_setup(
   }
   st.beta = static_cast<float>(resolve_scale(scale, s.head_dim));
   st.panel_rows = choose_panel_rows(s, st.dtype, kernels->tile_rows);
-  st.stream = c10::cuda::getCurrentCUDAStream();  // launch on the caller's stream
+  st.stream = current_stream();  // launch on the caller's stream
   return st;
 }
 

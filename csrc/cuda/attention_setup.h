@@ -16,13 +16,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
-#include <cuda_runtime_api.h>
 
 #include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
 
+#include "cuda/host_runtime.h"
 #include "cuda/kernel_registry.h"
 #include "ops/checks.h"
 

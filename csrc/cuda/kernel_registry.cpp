@@ -1,4 +1,4 @@
-#include "kernel_registry.h"
+#include "cuda/kernel_registry.h"
 
 #include <algorithm>
 #include <map>

@@ -3,11 +3,11 @@
 // no hand-kept list and a build with some buckets compiled out simply finds fewer entries.
 #pragma once
 
-#include <cuda_runtime_api.h>
+#include <driver_types.h>  // cudaError_t, cudaStream_t
 
 #include <string>
 
-#include "attention_params.h"
+#include "cuda/attention_params.h"
 
 namespace cem::cuda {
 

@@ -3,9 +3,7 @@
 // (tensor cores through WMMA for fp16/bf16, exact fp32 FMA for float).
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <mma.h>
+#include "cuda/device_runtime.cuh"
 
 #include <cstdint>
 #include <type_traits>

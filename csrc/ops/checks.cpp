@@ -1,4 +1,5 @@
 #include "checks.h"
+#include "cuda_emulation.h"
 
 #include <c10/util/Exception.h>
 
@@ -204,7 +205,8 @@ at::ScalarType accumulation_dtype(at::ScalarType dtype) {
 }
 
 bool computes_in_float32(const at::Tensor& x) {
-  return x.device().is_cpu() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf);
+  return x.device().is_cpu() && !cuda_emulation_enabled() &&
+         (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf);
 }
 
 std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {

@@ -54,7 +54,7 @@ at::ScalarType accumulation_dtype(at::ScalarType dtype);
 // Whether the public ops run bfloat16/float16 inputs on float32 copies: on the CPU, where no
 // tensor core wants rounded operands, so rounding inside the recursion would only cost
 // accuracy (gradients most of all). The CUDA kernels keep the rounding points of the
-// precision rule (docs/backward.md).
+// precision rule (docs/backward.md), and so does the CPU while it emulates them.
 bool computes_in_float32(const at::Tensor& x);
 std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t);
 
