@@ -105,8 +105,10 @@ MIN_CUDA_ARCH = (8, 0)  # the kernels use bf16 tensor-core (WMMA) instructions
 
 
 def cmake_cuda_architectures(arch_list: str) -> str:
-    """"8.0;9.0a+PTX" -> "80-real;90a-real;90a-virtual" (PTX only where asked)."""
-    archs = []
+    """"8.0;9.0a" -> "80-real;90a-real;90-virtual": machine code for each entry, and PTX for the
+    newest (without its "a": architecture-specific PTX does not run on later GPUs) so that newer
+    GPUs can JIT it. "+PTX" adds PTX for that entry too."""
+    archs, newest = [], None
     for item in arch_list.replace(",", ";").replace(" ", ";").split(";"):
         if not item:
             continue
@@ -120,8 +122,13 @@ def cmake_cuda_architectures(arch_list: str) -> str:
         archs.append(f"{number}-real")
         if ptx:
             archs.append(f"{number}-virtual")
+        if newest is None or (int(major), int(minor)) > newest:
+            newest = (int(major), int(minor))
     if not archs:
         raise RuntimeError(f"TORCH_CUDA_ARCH_LIST={arch_list!r} names no architecture")
+    portable_ptx = f"{newest[0]}{newest[1]}-virtual"
+    if portable_ptx not in archs:
+        archs.append(portable_ptx)
     return ";".join(archs)
 
 

@@ -49,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", default="fp32,fp16,bf16")
     parser.add_argument("--head-dims", default="64,59,128,100")
+    parser.add_argument("--diags", default="none,shared,per_head")
     parser.add_argument("--seq", type=int, default=70, help="query rows (70: two tiles, the second ragged)")
     parser.add_argument("--emulated", action="store_true", help="run on CPU tensors in the emulated CUDA backend")
     parser.add_argument("--plant", default="none", help="with --emulated: a planted bug (cem_ops._C_emulated.plant)")
@@ -60,7 +61,7 @@ def main() -> None:
         if args.emulated:
             backend.plant(args.plant)
         for name, head_dim, diag in itertools.product(
-            args.dtypes.split(","), [int(d) for d in args.head_dims.split(",")], ("none", "shared", "per_head")
+            args.dtypes.split(","), [int(d) for d in args.head_dims.split(",")], args.diags.split(",")
         ):
             run_once(DTYPES[name], head_dim, diag, args.seq, "cpu" if args.emulated else "cuda")
 

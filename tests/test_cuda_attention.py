@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -81,18 +82,17 @@ class Backend:
         return any(head_dim <= bucket for bucket in self.kernels().get(DTYPE_NAMES.get(dtype), ()))
 
     @contextlib.contextmanager
-    def active(self):
-        """Inside: cem ops on this backend's tensors take the CUDA path."""
+    def active(self, deterministic: bool = False):
+        """Inside: cem ops on this backend's tensors take the CUDA path, in the default mode
+        (dQ and head sums by atomics) or the deterministic one. Deterministic emulated runs also
+        fill every uninitialized CPU tensor with NaN, so an output element no kernel writes shows."""
         self.require()
         if self.name == "cuda":
             poison_allocator()
-            yield
-            return
-        # NaN in every uninitialized CPU tensor: an output element a kernel fails to write shows.
         was_deterministic = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
         try:
-            with cuda_emulation():
+            with cuda_emulation() if self.name == "emulated" else contextlib.nullcontext():
                 yield
         finally:
             torch.use_deterministic_algorithms(was_deterministic)
@@ -125,13 +125,15 @@ def poison_allocator() -> None:
     del blocks
 
 
-def check_case(backend: Backend, case: AttentionCase, rng: torch.Generator, record_error) -> None:
+def check_case(backend: Backend, case: AttentionCase, rng: torch.Generator, record_error,
+               deterministic: bool = False) -> None:
     backend.require()
     inputs = case.make(rng)
     kernel = "kernel" if backend.runs_kernel(case.dtype, case.head_dim) else "reference fallback"
-    with backend.active():
+    mode = "deterministic" if deterministic else "atomic"
+    with backend.active(deterministic):
         assert_matches_reference("attention", torch.ops.cem.attention, inputs, rng, record_error,
-                                 context=f"{backend.name} {case_id(case)} ({kernel})")
+                                 context=f"{backend.name} {case_id(case)} ({kernel}, {mode})")
 
 
 def with_gradients(inputs, grad_out: torch.Tensor):
@@ -147,25 +149,28 @@ SEQS = {"cuda": (1, 7, 67, 130, 1025), "emulated": (1, 17, 65, 97, 130)}
 HEAD_DIMS = (64, 128, 59)
 
 
-def _grid(backend: Backend) -> list[AttentionCase]:
+def _grid(backend: Backend) -> list[tuple[AttentionCase, bool]]:
+    """(case, deterministic) pairs; the mode rotates too, so that each meets every dtype and
+    diagonal mode."""
     cases = []
     combos = itertools.product(DTYPES.values(), HEAD_DIMS, DIAGS, SEQS[backend.name])
     for index, (dtype, head_dim, diag, seq) in enumerate(combos):
-        cases.append(cuda_case(backend, dtype, seq, head_dim, diag=diag, alibi=index % 2 == 1,
-                               precond=list(PRECONDS)[index % 4], steps=1 + (index // 2) % 4,
-                               batch=1 if seq > 500 else 2))
+        case = cuda_case(backend, dtype, seq, head_dim, diag=diag, alibi=index % 2 == 1,
+                         precond=list(PRECONDS)[index % 4], steps=1 + (index // 2) % 4, batch=1 if seq > 500 else 2)
+        cases.append((case, (index + index // 5) % 2 == 0))
     return cases
 
 
 def backend_cases(cases_of) -> list:
-    """(backend, case) parameters for every backend, marked like the backend."""
-    return [pytest.param(b.values[0], case, marks=b.marks, id=f"{b.id}-{case_id(case)}")
-            for b in BACKENDS for case in cases_of(b.values[0])]
+    """(backend, case, deterministic) parameters for every backend, marked like the backend."""
+    return [pytest.param(b.values[0], case, deterministic, marks=b.marks,
+                         id=f"{b.id}-{case_id(case)}-{'det' if deterministic else 'atomic'}")
+            for b in BACKENDS for case, deterministic in cases_of(b.values[0])]
 
 
-@pytest.mark.parametrize("backend,case", backend_cases(_grid))
-def test_matches_reference(backend, case, rng, record_error) -> None:
-    check_case(backend, case, rng, record_error)
+@pytest.mark.parametrize("backend,case,deterministic", backend_cases(_grid))
+def test_matches_reference(backend, case, deterministic, rng, record_error) -> None:
+    check_case(backend, case, rng, record_error, deterministic)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -174,7 +179,7 @@ def test_matches_reference(backend, case, rng, record_error) -> None:
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_steps_and_preconditioner(backend, dtype, precond, steps, rng, record_error) -> None:
     case = cuda_case(backend, dtype, 67, 64, diag="shared", alibi=True, precond=precond, steps=steps)
-    check_case(backend, case, rng, record_error)
+    check_case(backend, case, rng, record_error, deterministic=steps % 2 == 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -182,11 +187,29 @@ def test_steps_and_preconditioner(backend, dtype, precond, steps, rng, record_er
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("panel_rows", ["64", "128"])
 def test_multiple_diagonal_panels(monkeypatch, backend, panel_rows, dtype, diag, rng, record_error) -> None:
-    """The D-wide diagonal terms run one row panel at a time; force several panels."""
+    """The D-wide diagonal terms run one row panel at a time; force several panels (in both
+    modes: panels change how dK and the head sums accumulate)."""
     monkeypatch.setenv("CEM_OPS_PANEL_ROWS", panel_rows)
     seq = 257 if backend.name == "cuda" else 130
     case = cuda_case(backend, dtype, seq, 64, diag=diag, alibi=True, precond="both", steps=2, heads=3, dim=40)
-    check_case(backend, case, rng, record_error)
+    check_case(backend, case, rng, record_error, deterministic=panel_rows == "128")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", ["", "0", "-3", "abc", "2.5"])
+def test_bad_panel_rows_is_a_clear_error(monkeypatch, backend, value, rng) -> None:
+    backend.require()
+    monkeypatch.setenv("CEM_OPS_PANEL_ROWS", value)
+    inputs = cuda_case(backend, torch.float32, 9, 64, diag="shared").make(rng)
+    with backend.active(), pytest.raises(ValueError, match="CEM_OPS_PANEL_ROWS must be a positive integer"):
+        torch.ops.cem.attention(*inputs.args())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", ["9223372036854775807", "99999999999999999999"])
+def test_panel_rows_beyond_the_sequence_mean_one_panel(monkeypatch, backend, value, rng, record_error) -> None:
+    monkeypatch.setenv("CEM_OPS_PANEL_ROWS", value)
+    check_case(backend, cuda_case(backend, torch.float32, 70, 64, diag="shared", steps=2), rng, record_error)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -195,7 +218,7 @@ def test_multiple_diagonal_panels(monkeypatch, backend, panel_rows, dtype, diag,
 def test_padded_head_dims(backend, dtype, head_dim, rng, record_error) -> None:
     """Head dims below a bucket run zero-padded (vector loads on or off by alignment)."""
     case = cuda_case(backend, dtype, 130, head_dim, diag="shared", alibi=True, precond="diag", steps=2)
-    check_case(backend, case, rng, record_error)
+    check_case(backend, case, rng, record_error, deterministic=head_dim == 80)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -204,7 +227,7 @@ def test_wide_model(backend, dtype, rng, record_error) -> None:
     """D = 4096 with 32 heads of 128: the epilogue and the D-wide products at full width."""
     case = cuda_case(backend, dtype, 67, 128, diag="shared", alibi=True, precond="both", steps=2, batch=1, heads=32,
                      dim=4096, rank=8)
-    check_case(backend, case, rng, record_error)
+    check_case(backend, case, rng, record_error, deterministic=dtype == torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -219,6 +242,26 @@ def test_float64_and_large_head_dim_fall_back_to_reference(backend, rng, record_
     # ... and a head dim above the compiled buckets does too.
     largest = max((max(b) for b in backend.kernels().values()), default=0)
     check_case(backend, cuda_case(backend, torch.float32, 20, largest + 16, diag="per_head", steps=2), rng, record_error)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_missing_kernel_is_named_once(backend, rng, capfd) -> None:
+    """The fallback warning names the dtype and head dim, so each distinct one warns (once).
+    Depending on the caller it arrives as a Python warning or on stderr (c10's handler): both count."""
+    backend.require()
+    largest = max((max(b) for b in backend.kernels().values()), default=0)
+    seen = []
+    for dtype, head_dim in [(torch.float32, largest + 3), (torch.float32, largest + 3), (torch.bfloat16, largest + 3),
+                            (torch.float32, largest + 5)]:
+        inputs = cuda_case(backend, dtype, 5, head_dim, steps=1, batch=1, heads=1, dim=8).make(rng)
+        capfd.readouterr()
+        with backend.active(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.ops.cem.attention(*inputs.args())
+        text = "\n".join(str(w.message) for w in caught) + capfd.readouterr().err
+        seen.append([line for line in text.splitlines() if "has no compiled CUDA kernel" in line])
+    assert [len(messages) for messages in seen] == [1, 0, 1, 1], seen
+    assert f"Dh = w_q.size(1) = {largest + 5} with dtype Float" in seen[3][0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -352,11 +395,40 @@ def test_cuda_graph_capture(rng) -> None:
 def test_option_grid_covers_every_value(backend) -> None:
     """Guards against a silently shrunken parametrization."""
     grid = _grid(backend)
-    assert {c.steps for c in grid} == {1, 2, 3, 4}
-    assert {(c.precond_diag, c.precond_rank) for c in grid} == set(PRECONDS.values())
-    assert {c.alibi for c in grid} == {False, True}
-    assert all(c.seq % 64 for c in grid), "every length should leave a ragged tile"
+    cases = [case for case, _ in grid]
+    assert {c.steps for c in cases} == {1, 2, 3, 4}
+    assert {(c.precond_diag, c.precond_rank) for c in cases} == set(PRECONDS.values())
+    assert {c.alibi for c in cases} == {False, True}
+    assert all(c.seq % 64 for c in cases), "every length should leave a ragged tile"
     for dtype, diag in itertools.product(DTYPES.values(), DIAGS):
-        sub = [c for c in grid if c.dtype == dtype and c.diag == diag]
-        assert {c.alibi for c in sub} == {False, True}
-        assert {(c.precond_diag, c.precond_rank) for c in sub} == set(PRECONDS.values())
+        sub = [(c, det) for c, det in grid if c.dtype == dtype and c.diag == diag]
+        assert {c.alibi for c, _ in sub} == {False, True}
+        assert {(c.precond_diag, c.precond_rank) for c, _ in sub} == set(PRECONDS.values())
+        assert {det for _, det in sub} == {False, True}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("diag", DIAGS)
+def test_deterministic_mode_repeats_bit_for_bit(backend, diag, rng) -> None:
+    """torch.use_deterministic_algorithms(True): the same inputs give the same bits, run after
+    run (and in emulation whatever the order blocks run in); the atomic default agrees with it
+    within rounding."""
+    backend.require()
+    case = cuda_case(backend, torch.bfloat16, 130, 64, diag=diag, alibi=True, precond="both", steps=2, heads=3)
+    inputs = case.make(rng)
+    grad = torch.randn(inputs.x.shape, generator=rng).to(torch.bfloat16).to(backend.device)
+    runs = []
+    for order in ("sequential", "reversed", "shuffled"):
+        with backend.active(deterministic=True):
+            with cuda_emulation(block_order=order, seed=3) if backend.name == "emulated" else contextlib.nullcontext():
+                out, grads = with_gradients(inputs, grad)
+        runs.append((out, grads))
+    for out, grads in runs[1:]:
+        assert torch.equal(out, runs[0][0])
+        for name, g in grads.items():
+            assert torch.equal(g, runs[0][1][name]), f"grad {name} changed between deterministic runs"
+    with backend.active(deterministic=False):
+        out, grads = with_gradients(inputs, grad)
+    assert relative_error(out, runs[0][0]) < TOLERANCES[torch.bfloat16]
+    for name, g in grads.items():
+        assert relative_error(g, runs[0][1][name]) < 2e-2, f"grad {name}: atomic and deterministic modes disagree"

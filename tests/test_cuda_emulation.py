@@ -12,6 +12,7 @@ The clean kernels run through the same paths with the checker on (tests/test_cud
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -29,7 +30,7 @@ from cem_ops.testing import emulation
 pytestmark = pytest.mark.emulation
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNELS = "csrc/cuda/attention_kernels.cuh"
+KERNEL_SOURCES = "csrc/cuda/"  # the kernels' own sources (the emulation lives in csrc/cuda/emulation/)
 
 
 @pytest.fixture
@@ -80,15 +81,87 @@ def test_missing_backend_is_a_clear_error(monkeypatch) -> None:
             pass
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(block_order="random"), "block_order must be one of"),
-    (dict(seed=-1), "seed must be a non-negative integer"),
-    (dict(workers=0), "workers must be a positive integer"),
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(block_order="random"), ValueError, "block_order must be one of"),
+    (dict(seed=-1), ValueError, r"seed must be an integer in \[0, 2\*\*64\)"),
+    (dict(seed=2**64), ValueError, "seed must be an integer"),
+    (dict(seed=True), ValueError, "seed must be an integer"),
+    (dict(workers=0), ValueError, "workers must be an integer from 1 to 16"),
+    (dict(workers=17), ValueError, "workers must be an integer from 1 to 16"),
+    (dict(workers=2**31), ValueError, "workers must be an integer from 1 to 16"),
+    (dict(workers=True), ValueError, "workers must be an integer from 1 to 16"),
+    (dict(check_hazards="no"), TypeError, "check_hazards must be True or False"),
 ])
-def test_bad_settings_name_the_argument(backend, kwargs, message) -> None:
-    with pytest.raises(ValueError, match=message):
+def test_bad_settings_name_the_argument(backend, kwargs, error, message) -> None:
+    with pytest.raises(error, match=message):
         with cuda_emulation(**kwargs):
             pass
+
+
+def test_settings_belong_to_the_thread_that_opened_the_block(backend) -> None:
+    """Blocks in two host threads, closed in the opposite order: each thread keeps its own."""
+    import threading
+
+    opened, a_closed = threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_b():
+        with cuda_emulation(block_order="shuffled", seed=7, workers=2):
+            opened.set()
+            a_closed.wait(30)
+            seen["b"] = backend.settings()
+
+    with cuda_emulation(block_order="sequential", workers=1):
+        outer = backend.settings()
+        with cuda_emulation(block_order="reversed", workers=1):
+            b = threading.Thread(target=thread_b)
+            b.start()
+            assert opened.wait(30)
+            assert backend.settings() == ("reversed", 0, True, 1)
+        a_closed.set()
+        b.join(30)
+        assert backend.settings() == outer == ("sequential", 0, True, 1)
+    assert seen["b"] == ("shuffled", 7, True, 2)
+
+
+CONCURRENT_LAUNCHES = """
+import sys, threading, torch
+from cem_ops.testing import AttentionCase, cuda_emulation
+
+def run(seed, workers):
+    rng = torch.Generator().manual_seed(seed)
+    inputs = AttentionCase(batch=1, seq=33, dim=16, heads=1, head_dim=64, steps=2, diag="shared",
+                           dtype=torch.bfloat16).make(rng)
+    leaves = inputs.to(inputs.x.dtype, requires_grad=True)
+    with cuda_emulation(workers=workers):
+        out = torch.ops.cem.attention(*leaves.args())
+        return [out, *torch.autograd.grad(out.float().square().sum(), leaves.differentiable())]
+
+want = {seed: run(seed, 1) for seed in (1, 2)}
+got, errors = {}, []
+def worker(seed, workers):
+    try:
+        got[seed] = [run(seed, workers) for _ in range(6)]
+    except BaseException as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=worker, args=(1, 2)), threading.Thread(target=worker, args=(2, 3))]
+for t in threads: t.start()
+for t in threads: t.join()
+assert not errors, errors
+for seed, runs in got.items():
+    for r in runs:
+        assert all(torch.equal(a, b) for a, b in zip(want[seed], r)), f"seed {seed} differs from its 1-thread run"
+print("ok")
+"""
+
+
+def test_launches_from_several_host_threads_run_safely(backend) -> None:
+    """Two host threads launching at once (each with its own workers) get their single-thread
+    results; a hang would be a failure, hence the subprocess with a timeout."""
+    env = dict(os.environ, CEM_OPS_DETERMINISTIC="1")
+    proc = subprocess.run([sys.executable, "-c", CONCURRENT_LAUNCHES], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 def test_only_the_block_runs_the_emulation(backend, rng) -> None:
@@ -113,8 +186,10 @@ def test_only_the_block_runs_the_emulation(backend, rng) -> None:
 ], ids=["reversed", "shuffled", "shuffled-2-workers", "2-workers"])
 @pytest.mark.parametrize("diag", ["none", "shared", "per_head"])
 def test_block_order_does_not_change_results(backend, monkeypatch, diag, settings, rng) -> None:
-    """No kernel may depend on the order blocks run in: every order gives the same bits."""
-    monkeypatch.setenv("CEM_OPS_PANEL_ROWS", "64")  # several diagonal panels as well
+    """No kernel may depend on the order blocks run in: in the deterministic mode every order
+    gives the same bits (the default mode's float atomics may differ in the last bits)."""
+    monkeypatch.setenv("CEM_OPS_PANEL_ROWS", "128")  # several diagonal panels as well
+    monkeypatch.setenv("CEM_OPS_DETERMINISTIC", "1")
     inputs = case(diag=diag, seq=130).make(rng)
     grad_out = torch.randn(inputs.x.shape, generator=rng).to(inputs.x.dtype)
     with cuda_emulation(block_order="sequential", workers=1):
@@ -125,62 +200,86 @@ def test_block_order_does_not_change_results(backend, monkeypatch, diag, setting
         assert torch.equal(w, g)
 
 
-def sync_sites(backend, kind: str) -> dict[int, set[str]]:
-    """{line: kernels} of the attention kernels' `kind` sites reached by a full clean run (a
-    template kernel's lines serve several kernels)."""
+def kernel_source(file: str) -> str | None:
+    """`csrc/cuda/<name>` for a kernel source file, None for anything else."""
+    at = file.rfind(KERNEL_SOURCES)
+    if at < 0 or "/emulation/" in file[at:]:
+        return None
+    return file[at:]
+
+
+def sync_sites(backend, monkeypatch, kind: str) -> dict[tuple[str, int], set[str]]:
+    """{(file, line): kernels} of the attention kernels' `kind` sites reached by clean runs of
+    every kernel family: bf16 (tensor cores) and float32, every diagonal mode, dQ by atomics and
+    deterministically (a template kernel's lines serve several kernels)."""
     generator = torch.Generator().manual_seed(0)
-    for diag in ("none", "shared", "per_head"):
-        inputs = case(diag=diag).make(generator)
-        with cuda_emulation():
-            forward_backward(inputs, torch.randn(inputs.x.shape, generator=generator).to(inputs.x.dtype))
-    sites: dict[int, set[str]] = {}
+    for deterministic in ("0", "1"):
+        monkeypatch.setenv("CEM_OPS_DETERMINISTIC", deterministic)
+        for dtype, diag in itertools.product((torch.bfloat16, torch.float32), ("none", "shared", "per_head")):
+            inputs = case(diag=diag, dtype=dtype).make(generator)
+            with cuda_emulation():
+                forward_backward(inputs, torch.randn(inputs.x.shape, generator=generator).to(dtype))
+    monkeypatch.delenv("CEM_OPS_DETERMINISTIC")
+    sites: dict[tuple[str, int], set[str]] = {}
     for kernel, site_kind, file, line in backend.sync_sites():
-        if site_kind == kind and file.endswith(KERNELS):
-            sites.setdefault(line, set()).add(kernel)
+        source = kernel_source(file)
+        if site_kind == kind and source is not None:
+            sites.setdefault((source, line), set()).add(kernel)
     return sites
 
 
-def planted_failure(backend, fault: str, line: int, rng, **case_changes) -> str:
-    """The error of a forward+backward run with `fault` planted at `line` of the kernels."""
-    inputs = case(**case_changes).make(rng)
-    backend.set_fault(fault, KERNELS, line)
+def planted_failure(backend, fault: str, site: tuple[str, int], kernels: set[str], rng) -> str:
+    """The error of forward+backward runs with `fault` planted at `site`, in a configuration that
+    reaches one of `kernels`."""
+    file, line = site
+    dtype = torch.float32 if any("_tc_" not in k for k in kernels) else torch.bfloat16
+    inputs = case(seq=130, dtype=dtype).make(rng)
+    backend.set_fault(fault, file, line)
     try:
         with cuda_emulation(), pytest.raises(RuntimeError) as error:
-            forward_backward(inputs, torch.randn(inputs.x.shape, generator=rng).to(inputs.x.dtype))
+            forward_backward(inputs, torch.randn(inputs.x.shape, generator=rng).to(dtype))
+            if any("dq_tc" in k for k in kernels):  # the deterministic dQ kernel
+                os.environ["CEM_OPS_DETERMINISTIC"] = "1"
+                try:
+                    forward_backward(inputs, torch.randn(inputs.x.shape, generator=rng).to(dtype))
+                finally:
+                    del os.environ["CEM_OPS_DETERMINISTIC"]
     finally:
         backend.set_fault("none", "", 0)
     return str(error.value)
 
 
-def test_every_barrier_is_needed_and_its_removal_is_caught(backend, rng) -> None:
-    sites = sync_sites(backend, "__syncthreads")
+def test_every_barrier_is_needed_and_its_removal_is_caught(backend, monkeypatch, rng) -> None:
+    sites = sync_sites(backend, monkeypatch, "__syncthreads")
     assert set().union(*sites.values()) >= {
+        "attention_fwd_tc_kernel", "attention_bwd_tc_kernel", "attention_delta_tc_kernel", "attention_dq_tc_kernel",
         "attention_fwd_kernel", "attention_bwd_dq_kernel", "attention_bwd_dk_kernel", "attention_bwd_delta_kernel",
         "attention_tile_probs_kernel", "attention_tile_probs_grad_kernel"}, sites
-    for line, kernels in sorted(sites.items()):
-        message = planted_failure(backend, "drop_barrier", line, rng, seq=130)
-        assert "hazard" in message and any(k in message for k in kernels), f"__syncthreads at line {line}: {message}"
+    for site, kernels in sorted(sites.items()):
+        message = planted_failure(backend, "drop_barrier", site, kernels, rng)
+        assert "hazard" in message and any(k in message for k in kernels), f"__syncthreads at {site}: {message}"
 
 
-def test_every_syncwarp_is_needed_and_its_removal_is_caught(backend, rng) -> None:
-    sites = sync_sites(backend, "__syncwarp")
-    assert sites, "the attention kernels use __syncwarp"
-    for line, kernels in sorted(sites.items()):
-        message = planted_failure(backend, "drop_syncwarp", line, rng)
-        assert "hazard" in message and any(k in message for k in kernels), f"__syncwarp at line {line}: {message}"
+def test_every_syncwarp_is_needed_and_its_removal_is_caught(backend, monkeypatch, rng) -> None:
+    sites = sync_sites(backend, monkeypatch, "__syncwarp")
+    assert sites, "the float32 attention kernels use __syncwarp"
+    for site, kernels in sorted(sites.items()):
+        message = planted_failure(backend, "drop_syncwarp", site, kernels, rng)
+        assert "hazard" in message and any(k in message for k in kernels), f"__syncwarp at {site}: {message}"
 
 
-def test_a_divergent_barrier_is_an_error_not_a_hang(backend, rng) -> None:
-    line = min(line for line, kernels in sync_sites(backend, "__syncthreads").items() if "attention_fwd_kernel" in kernels)
-    message = planted_failure(backend, "divergent_barrier", line, rng)
-    assert "not every thread reaches" in message and "attention_fwd_kernel" in message, message
+def test_a_divergent_barrier_is_an_error_not_a_hang(backend, monkeypatch, rng) -> None:
+    sites = sync_sites(backend, monkeypatch, "__syncthreads")
+    site = min(site for site, kernels in sites.items() if "attention_fwd_tc_kernel" in kernels)
+    message = planted_failure(backend, "divergent_barrier", site, {"attention_fwd_tc_kernel"}, rng)
+    assert "not every thread reaches" in message and "attention_fwd_tc_kernel" in message, message
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_an_unaligned_vector_load_is_caught(backend, dtype, rng) -> None:
     inputs = case(head_dim=59, dtype=dtype).make(rng)  # rows of 59 elements: not 16-byte aligned
     backend.plant("force_vector_loads")
-    with cuda_emulation(), pytest.raises(RuntimeError, match="not 16-byte aligned.*misaligned vector access"):
+    with cuda_emulation(), pytest.raises(RuntimeError, match="not 16-byte aligned.*misaligned"):
         torch.ops.cem.attention(*inputs.args())
 
 

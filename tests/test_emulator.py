@@ -1,7 +1,7 @@
 """The CUDA emulation itself, through two standalone programs of device code:
 
-  tests/cuda/primitive_layouts.cu  mma.sync m16n8k16, ldmatrix (x1/x2/x4, .trans), cp.async and
-                                   WMMA against plain matrix products, with fragments built from
+  tests/cuda/primitive_layouts.cu  mma.sync m16n8k16, ldmatrix (x1/x2/x4, .trans) and cp.async
+                                   against plain matrix products, with fragments built from
                                    the PTX ISA's formulas. Built for the emulation here, and with
                                    nvcc for the GPU when one is present (the device twin: it proves
                                    the emulated layouts are the hardware's).
@@ -70,7 +70,7 @@ def run_program(program: Path, *args: str) -> str:
 def test_primitive_layouts_in_emulation(build_dir) -> None:
     program = compile_emulated(PROGRAMS / "primitive_layouts.cu", build_dir)
     out = run_program(program, str(random.SystemRandom().randrange(2**31)))
-    assert out.count("PASS") == 16, out  # every check ran
+    assert out.count("PASS") == 13, out  # every check ran
 
 
 @pytest.mark.emulation
@@ -94,4 +94,4 @@ def test_primitive_layouts_on_the_gpu(tmp_path) -> None:
     build([nvcc, "-std=c++17", f"-arch={arch}", f"-I{ROOT / 'csrc'}", "-o", str(program),
            str(PROGRAMS / "primitive_layouts.cu")])
     out = run_program(program, str(random.SystemRandom().randrange(2**31)))
-    assert out.count("PASS") == 16, out
+    assert out.count("PASS") == 13, out

@@ -171,3 +171,47 @@ def test_mlp_bwd_state_errors(rng, name, corrupt, error, message):
     state[name] = corrupt(state)
     with pytest.raises(error, match=f"cem::mlp_bwd: {message}"):
         torch.ops.cem.mlp_bwd(state["grad_out"], *inputs.args(), state["iterates"], state["neg_grads"])
+
+
+ATTENTION_ARGS = ("x", "w_q", "w_k", "diag", "alibi_slopes", "precond_diag", "precond_lowrank", "step_size")
+
+
+@pytest.mark.parametrize("name", ATTENTION_ARGS[1:])
+def test_kernel_ops_refuse_a_tensor_on_another_device(rng, name):
+    """A meta tensor among CPU ones dispatches to the ops' fake implementations, which must refuse
+    it as the kernels do (not return uninitialized outputs)."""
+    inputs = AttentionCase(batch=1, seq=5, dim=8, heads=2, head_dim=4, steps=2, diag="shared", alibi=True,
+                           precond_diag=True, precond_rank=2).make(rng)
+    args = list(inputs.args())
+    index = ATTENTION_ARGS.index(name)
+    moved = args[:index] + [args[index].to("meta")] + args[index + 1:]
+    with pytest.raises(ValueError, match=f"cem::attention_fwd: {name} must be on the device of x"):
+        torch.ops.cem.attention_fwd(*moved, True)
+    _, *state = torch.ops.cem.attention_fwd(*args, True)
+    grad_out = torch.randn(inputs.x.shape, generator=rng)
+    with pytest.raises(ValueError, match=f"cem::attention_bwd: {name} must be on the device of x"):
+        torch.ops.cem.attention_bwd(grad_out, *moved, *state)
+
+
+@pytest.mark.parametrize("name", ["grad_out", "iterates", "head_outputs", "diag_values", "lse"])
+def test_attention_bwd_refuses_saved_state_on_another_device(att, rng, name):
+    _, iterates, head_outputs, diag_values, lse = torch.ops.cem.attention_fwd(*att.args(), True)
+    state = dict(grad_out=torch.randn(att.x.shape, generator=rng), iterates=iterates, head_outputs=head_outputs,
+                 diag_values=diag_values, lse=lse)
+    state[name] = state[name].to("meta")
+    with pytest.raises(ValueError, match=f"cem::attention_bwd: {name} must be on the device of x"):
+        torch.ops.cem.attention_bwd(state["grad_out"], *att.args(), *list(state.values())[1:])
+
+
+@pytest.mark.parametrize("name", ["w", "step_size", "neg_grads"])
+def test_mlp_kernel_ops_refuse_a_tensor_on_another_device(rng, name):
+    inputs = MLPCase(dim=8, hidden=6, steps=2).make(rng)
+    _, iterates, neg_grads = torch.ops.cem.mlp_fwd(*inputs.args(), True)
+    args = dict(zip(("x", "w", "v", "precond_diag", "precond_lowrank", "step_size", "activation"), inputs.args()))
+    state = dict(iterates=iterates, neg_grads=neg_grads)
+    (args if name in args else state)[name] = (args | state)[name].to("meta")
+    if name in args:
+        with pytest.raises(ValueError, match=f"cem::mlp_fwd: {name} must be on the device of x"):
+            torch.ops.cem.mlp_fwd(*args.values(), True)
+    with pytest.raises(ValueError, match=f"cem::mlp_bwd: {name} must be on the device of x"):
+        torch.ops.cem.mlp_bwd(torch.randn(inputs.x.shape, generator=rng), *args.values(), *state.values())

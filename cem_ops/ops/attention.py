@@ -9,6 +9,7 @@ from torch import Tensor
 from .. import reference
 from ..reference.common import accumulation_dtype
 from .backends import (
+    check_devices_in_fake,
     refuse_forward_mode_ad,
     register_autocast,
     register_no_double_backward,
@@ -72,6 +73,10 @@ def attention_energy(
 
 @torch.library.register_fake("cem::attention_fwd")
 def _attention_fwd_fake(x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale, save):
+    check_devices_in_fake(
+        "attention_fwd", x, w_q=w_q, w_k=w_k, diag=diag, alibi_slopes=alibi_slopes, precond_diag=precond_diag,
+        precond_lowrank=precond_lowrank, step_size=step_size,
+    )
     batch, n, dim = x.shape
     heads, head_dim, _ = w_q.shape
     steps = step_size.shape[0]
@@ -89,7 +94,14 @@ def _attention_fwd_fake(x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_l
 
 
 @torch.library.register_fake("cem::attention_bwd")
-def _attention_bwd_fake(grad_out, x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, *_):
+def _attention_bwd_fake(grad_out, x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale,
+                        iterates, head_outputs, diag_values, lse):
+    check_devices_in_fake(
+        "attention_bwd", x, grad_out=grad_out, w_q=w_q, w_k=w_k, diag=diag, alibi_slopes=alibi_slopes,
+        precond_diag=precond_diag, precond_lowrank=precond_lowrank, step_size=step_size, iterates=iterates,
+        head_outputs=head_outputs, diag_values=diag_values, lse=lse,
+    )
+
     def like(t):
         return None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
 

@@ -47,6 +47,14 @@ def register_no_double_backward(op: str) -> None:
     torch.library.register_autograd(f"cem::{op}", refuse, setup_context=lambda ctx, inputs, output: None)
 
 
+def check_devices_in_fake(op: str, x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """The kernels' device check, for the fake (meta) implementations: a meta tensor among real
+    ones dispatches there, and must get the same error as on the kernels' path."""
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"cem::{op}: {name} must be on the device of x ({x.device}), got {t.device}")
+
+
 def refuse_forward_mode_ad(op: str, *tensors: torch.Tensor | None) -> None:
     """The ops have reverse-mode derivatives only. Without this check, forward-mode AD (jvp,
     jacfwd, torch.autograd.forward_ad) through a custom op silently yields zero tangents."""

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .. import reference
 from .backends import (
+    check_devices_in_fake,
     refuse_forward_mode_ad,
     register_autocast,
     register_no_double_backward,
@@ -51,6 +52,9 @@ def mlp_energy(x: Tensor, context: Tensor, w: Tensor, v: Tensor, *, activation: 
 
 @torch.library.register_fake("cem::mlp_fwd")
 def _mlp_fwd_fake(x, w, v, precond_diag, precond_lowrank, step_size, activation, save):
+    check_devices_in_fake(
+        "mlp_fwd", x, w=w, v=v, precond_diag=precond_diag, precond_lowrank=precond_lowrank, step_size=step_size
+    )
     out = x.new_empty(x.shape)
     if not save:
         return out, x.new_empty(0), x.new_empty(0)
@@ -59,7 +63,11 @@ def _mlp_fwd_fake(x, w, v, precond_diag, precond_lowrank, step_size, activation,
 
 
 @torch.library.register_fake("cem::mlp_bwd")
-def _mlp_bwd_fake(grad_out, x, w, v, precond_diag, precond_lowrank, step_size, *_):
+def _mlp_bwd_fake(grad_out, x, w, v, precond_diag, precond_lowrank, step_size, activation, iterates, neg_grads):
+    check_devices_in_fake(
+        "mlp_bwd", x, grad_out=grad_out, w=w, v=v, precond_diag=precond_diag, precond_lowrank=precond_lowrank,
+        step_size=step_size, iterates=iterates, neg_grads=neg_grads,
+    )
     def like(t):
         return None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
 

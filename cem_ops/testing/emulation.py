@@ -7,21 +7,30 @@ thread and offset. Inputs in bfloat16/float16 stay in their dtype, as on a GPU.
 
 The switch is per host thread (autograd's CPU backward runs on the calling thread, so gradients
 take the emulated path too); outside the block the CPU keeps its C++ kernels. The emulator's
-settings (block order, seed, checks, workers) are the process's: the innermost open block's.
+settings (block order, seed, checks, workers) are per host thread too: the innermost block the
+thread has open. Launches from several host threads run one at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from types import ModuleType
 from typing import Iterator
 
 BLOCK_ORDERS = ("sequential", "reversed", "shuffled")
+MAX_WORKERS = 16  # the emulator's host threads
 
 
 _BACKEND: ModuleType | None = None
-_SETTINGS: list[tuple] = []  # of the open cuda_emulation() blocks, innermost last
+_OPEN = threading.local()  # .settings: this thread's open cuda_emulation() blocks, innermost last
+
+
+def _open_settings() -> list[tuple]:
+    if not hasattr(_OPEN, "settings"):
+        _OPEN.settings = []
+    return _OPEN.settings
 
 
 def emulated_backend() -> ModuleType:
@@ -66,29 +75,37 @@ def cuda_emulation(*, block_order: str = "sequential", seed: int = 0, check_haza
         check_hazards: the shared-memory race detector (bounds, alignment and divergent barriers
             are always checked).
         workers: host threads that run the blocks of a launch side by side (each block on one;
-            None: default_workers()). With 1, blocks run strictly in block_order.
+            1 to MAX_WORKERS = 16; None: default_workers()). With 1, blocks run strictly in
+            block_order.
 
     Yields the emulated backend module (its ``stats()`` counts launches, blocks, context switches
     and checked accesses).
     """
     if block_order not in BLOCK_ORDERS:
         raise ValueError(f"block_order must be one of {BLOCK_ORDERS}, got {block_order!r}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not _is_int(seed) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    if not isinstance(check_hazards, bool):
+        raise TypeError(f"check_hazards must be True or False, got {check_hazards!r}")
     workers = default_workers() if workers is None else workers
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    if not _is_int(workers) or not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"workers must be an integer from 1 to {MAX_WORKERS}, got {workers!r}")
     backend = emulated_backend()
     from .. import _C
 
-    settings = (block_order, seed, bool(check_hazards), workers)
+    settings = (block_order, seed, check_hazards, workers)
+    open_settings = _open_settings()
     backend.configure(*settings)
-    _SETTINGS.append(settings)
+    open_settings.append(settings)
     previous = _C._set_cuda_emulation(True)
     try:
         yield backend
     finally:
         _C._set_cuda_emulation(previous)
-        _SETTINGS.pop()
-        if _SETTINGS:  # an enclosing block gets its settings back
-            backend.configure(*_SETTINGS[-1])
+        open_settings.pop()
+        if open_settings:  # an enclosing block gets its settings back
+            backend.configure(*open_settings[-1])
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

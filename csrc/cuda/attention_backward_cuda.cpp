@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <climits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -34,11 +35,19 @@ struct Grads {
   at::Tensor diag;     // dL/dlambda, (D,) or (H, D)
 };
 
+// What the D-wide terms of every step and panel share, computed once per call.
+struct DiagTerms {
+  at::Tensor scaled_context;  // beta lambda * c, input dtype (a shared diagonal): dx += dS (beta lambda * c)
+  at::Tensor context_f;       // c in float32 (a per-head diagonal's d lambda)
+};
+
 // Backward of one step's attention core given dG; adds into g.a (scores' direct dx), g.dk,
-// g.diag_f, g.diag; writes dq (B, N, H, Dh).
+// g.diag_f, g.diag; leaves dq (B, N, H, Dh) for this step. `first_step`: the first step the
+// backward handles, where every dK row gets its first contribution (written, not accumulated).
 void backward_core(
-    const Setup& st, const at::Tensor& x_t, const at::Tensor& q, const at::Tensor& o, const at::Tensor& dout,
-    const at::Tensor& lse, const at::Tensor& grad_g, at::Tensor& delta, at::Tensor& dq, Grads& g) {
+    const Setup& st, const PanelWorkspace& panels, const DiagTerms& terms, const at::Tensor& x_t, const at::Tensor& q,
+    const at::Tensor& o, const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& grad_g_t,
+    const at::Tensor& grad_g, at::Tensor& delta, at::Tensor& dq, Grads& g, bool first_step) {
   const auto& s = st.s;
   auto p = base_params(st, q, o, lse);
   p.dout = head_view(dout, s);
@@ -46,55 +55,66 @@ void backward_core(
   p.delta = delta.data_ptr<float>();
   p.dq = head_view(dq, s);
   p.dk = head_view(g.dk, s);
+  p.dq_atomic = st.dq_atomic();
+  if (p.dq_atomic) {
+    dq.zero_();
+  }
+  auto run = [&](int64_t r0) {
+    p.dk_overwrite_from = first_step ? static_cast<int>(r0) : INT_MAX;
+    check_launch(st, st.kernels->bwd_delta(p, st.stream), "attention_bwd_delta");
+    check_launch(st, st.kernels->bwd(p, st.stream), "attention_bwd");
+    if (!p.dq_atomic && st.kernels->bwd_dq != nullptr) {
+      check_launch(st, st.kernels->bwd_dq(p, st.stream), "attention_bwd_dq");
+    }
+  };
   if (!st.has_diag()) {
-    check_launch(st.kernels->bwd_delta(p, st.stream), "attention_bwd_delta");
-    check_launch(st.kernels->bwd_dk(p, st.stream), "attention_bwd_dk");
-    check_launch(st.kernels->bwd_dq(p, st.stream), "attention_bwd_dq");
+    run(0);
     return;
   }
   const auto grad_g_3d = grad_g.view({s.batch, s.seq, s.dim});
-  const auto grad_g_t = grad_g_3d.to(st.dtype);
+  const auto grad_g_t_3d = grad_g_t.view({s.batch, s.seq, s.dim});
   auto a_3d = g.a.view({s.batch, s.seq, s.dim});
   for (int64_t r0 = 0; r0 < s.seq; r0 += st.panel_rows) {
     const int64_t r1 = std::min(s.seq, r0 + st.panel_rows);
     const int64_t rows = r1 - r0, keys = r1;
     const auto x_rows = x_t.narrow(1, r0, rows);
-    const auto score_bias = diag_products(st, x_rows, st.beta, keys);
-    const auto dp_bias = diag_products(st, grad_g_3d.narrow(1, r0, rows), 1.0, keys);  // y_i . c_j
+    const auto score_bias = panels.view(0, rows, keys, st.per_head());
+    const auto dp_bias = panels.view(1, rows, keys, st.per_head());
+    diag_products(st, score_bias, x_rows, st.beta, keys);
+    diag_products(st, dp_bias, grad_g_3d.narrow(1, r0, rows), 1.0, keys);  // y_i . c_j
+    const auto probs = panels.view(2, rows, keys, st.head_panels()).zero_();
+    const auto dprobs = panels.view(3, rows, keys, st.head_panels()).zero_();
     p.row_begin = static_cast<int>(r0);
     p.row_end = static_cast<int>(r1);
     p.score_bias = panel_view(score_bias, st.per_head());
     p.dp_bias = panel_view(dp_bias, st.per_head());
-    check_launch(st.kernels->bwd_delta(p, st.stream), "attention_bwd_delta");
+    p.probs = panel_view(probs, st.head_panels());
+    p.dprobs = panel_view(dprobs, st.head_panels());
+    p.probs_per_head = st.head_panels();
+    run(r0);
 
-    const auto probs = empty_panel(st, rows, keys);
-    const auto dprobs = empty_panel(st, rows, keys);
-    p.probs = panel_view(probs, st.per_head());
-    p.dprobs = panel_view(dprobs, st.per_head());
-    p.probs_per_head = st.per_head();
-    check_launch(st.kernels->tile_probs_grad(p, st.stream), "attention_tile_probs_grad");
-    check_launch(st.kernels->bwd_dk(p, st.stream), "attention_bwd_dk");
-    check_launch(st.kernels->bwd_dq(p, st.stream), "attention_bwd_dq");
-
-    // D-wide terms (docs/backward.md step 4).
+    // D-wide terms (docs/backward.md step 4), added straight into their float32 destinations.
     const auto context = st.x.narrow(1, 0, keys);
-    const auto grad_g_rows = grad_g_t.narrow(1, r0, rows);
+    const auto grad_g_rows = grad_g_t_3d.narrow(1, r0, rows);
+    const auto p_rows = panel_operand(st, probs);
+    const auto ds_rows = panel_operand(st, dprobs);
     auto a_rows = a_3d.narrow(1, r0, rows);
+    auto diag_f_keys = g.diag_f.narrow(1, 0, keys);
     if (!st.per_head()) {
-      a_rows.add_(bmm_f32(dprobs, context).mul_(st.lam * st.beta));  // dx += beta lambda * (dS c)
-      g.diag_f.narrow(1, 0, keys)
-          .add_(bmm_f32(dprobs.transpose(1, 2), x_rows), st.beta)
-          .add_(bmm_f32(probs.transpose(1, 2), grad_g_rows));
+      add_bmm_f32(a_rows, ds_rows, terms.scaled_context.narrow(1, 0, keys));  // dx += beta lambda * (dS c)
+      add_bmm_f32(diag_f_keys, ds_rows.transpose(1, 2), x_rows, st.beta);       // F += beta dS^T x + P^T dG
+      add_bmm_f32(diag_f_keys, p_rows.transpose(1, 2), grad_g_rows);
       continue;
     }
-    const auto context_f = context.to(at::kFloat);
+    const auto context_f = terms.context_f.narrow(1, 0, keys);
     for (int64_t k = 0; k < s.heads; ++k) {
       const auto lam_k = st.lam.select(0, k);
-      const auto ds_k = dprobs.select(1, k);
-      const auto p_k = probs.select(1, k);
+      const auto ds_k = ds_rows.select(1, k);
+      const auto p_k = p_rows.select(1, k);
       a_rows.add_(bmm_f32(ds_k, context).mul_(lam_k * st.beta));
-      auto f_k = bmm_f32(ds_k.transpose(1, 2), x_rows).mul_(st.beta).add_(bmm_f32(p_k.transpose(1, 2), grad_g_rows));
-      g.diag_f.narrow(1, 0, keys).add_(f_k * lam_k);
+      auto f_k = bmm_f32(ds_k.transpose(1, 2), x_rows).mul_(st.beta);
+      add_bmm_f32(f_k, p_k.transpose(1, 2), grad_g_rows);
+      diag_f_keys.add_(f_k * lam_k);
       g.diag.select(0, k).add_((f_k * context_f).sum({0, 1}));
     }
   }
@@ -149,12 +169,21 @@ BwdResult attention_bwd_cuda(
 
   Grads g;
   g.a = grad_out_f.clone(at::MemoryFormat::Contiguous);  // a = dY: x^T enters Delta with sign +1
-  g.dk = at::zeros({s.batch, s.seq, s.heads, s.head_dim}, f32);
+  g.dk = at::empty({s.batch, s.seq, s.heads, s.head_dim}, f32);  // the first step writes every row
   g.wq = grad_wq;
   g.diag_f = st.has_diag() ? at::zeros({s.batch, s.seq, s.dim}, f32) : at::Tensor();
   g.diag = grad_lam;
   auto dq = at::empty({s.batch, s.seq, s.heads, s.head_dim}, f32);
   auto delta = at::empty({s.batch, s.heads, s.seq}, f32);
+  const PanelWorkspace panels(st, st.has_diag() ? 4 : 0);
+  DiagTerms terms;
+  if (st.has_diag()) {
+    if (st.per_head()) {
+      terms.context_f = st.x.to(at::kFloat);
+    } else {
+      terms.scaled_context = (st.x.to(at::kFloat) * (st.lam * st.beta)).to(dtype);
+    }
+  }
 
   for (int64_t t = s.steps - 1; t >= 0; --t) {
     const auto x_t = t == 0 ? st.x : iterates.select(0, t - 1).contiguous();
@@ -183,7 +212,8 @@ BwdResult attention_bwd_cuda(
     grad_wq.add_(mm_f32(o_2d.t(), grad_g_t));
     const auto q = at::mm(x_t_2d, st.wq.t());
 
-    backward_core(st, x_t, q, o, dout, lse.select(0, t).contiguous(), grad_g, delta, dq, g);
+    backward_core(st, panels, terms, x_t, q, o, dout, lse.select(0, t).contiguous(), grad_g_t, grad_g, delta, dq, g,
+                  t == s.steps - 1);
 
     // Query side: q = W_Q x^t.
     const auto dq_t = dq.view({rows, hd}).to(dtype);

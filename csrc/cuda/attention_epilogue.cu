@@ -1,7 +1,9 @@
 // The per-row update after each forward step (docs/backward.md, precision rule):
-//   PG = p * G + U (U^T G),  Delta += eta_t PG,  x^{t+1} = round(x^0 + Delta),  out = round(Delta).
-// G and Z = U^T G come from cuBLAS in float32; this kernel fuses everything elementwise so Delta
-// is read and written once per step.
+//   G = W_Q^T o + lambda * vbar,  PG = p * G + U (U^T G),  Delta += eta_t PG,
+//   x^{t+1} = round(x^0 + Delta),  out = round(Delta).
+// W_Q^T o, vbar and Z = U^T G come from cuBLAS in float32; this kernel fuses everything
+// elementwise (the diagonal's lambda and the saved value term included), so that Delta is read
+// and written once per step and no other pass over (B, N, D) is needed.
 #include "cuda/attention_params.h"
 #include "cuda/device_runtime.cuh"
 #include "cuda/kernel_registry.h"
@@ -23,8 +25,16 @@ __global__ void __launch_bounds__(kEpilogueThreads) attention_epilogue_kernel(co
   T* x_next = p.x_next != nullptr ? static_cast<T*>(p.x_next) + row * p.dim : nullptr;
   T* out = p.out != nullptr ? static_cast<T*>(p.out) + row * p.dim : nullptr;
   float* delta = p.delta + row * p.dim;
+  const float* vbar = p.vbar != nullptr ? p.vbar + row * p.dim : nullptr;
+  T* diag_out = p.diag_out != nullptr ? static_cast<T*>(p.diag_out) + row * p.dim : nullptr;
   for (int64_t d = threadIdx.x; d < p.dim; d += kEpilogueThreads) {
-    float pg = p_diag != nullptr ? g[d] * to_float(p_diag[d]) : g[d];
+    float gd = g[d];
+    if (vbar != nullptr) {
+      const float value = p.lam != nullptr ? p.lam[d] * vbar[d] : vbar[d];
+      gd += value;
+      if (diag_out != nullptr) diag_out[d] = from_float<T>(value);
+    }
+    float pg = p_diag != nullptr ? gd * to_float(p_diag[d]) : gd;
     if (z != nullptr) {
       float low_rank = 0.f;
       for (int64_t r = 0; r < p.rank; ++r) {

@@ -21,7 +21,7 @@ struct CemPanel {
 
 struct CemAttnParams {
   CemHeadTensor q, k, o, dout;  // input dtype
-  CemHeadTensor dq, dk;         // float32; dk is accumulated (read-modify-write), dq overwritten
+  CemHeadTensor dq, dk;         // float32
 
   // Per-row softmax statistics, (B, H, N) float32 with unit stride along N.
   float* lse = nullptr;
@@ -31,26 +31,36 @@ struct CemAttnParams {
   // Optional float32 terms added to the scores s_ij and to dp_ij (a shared or per-head diagonal:
   // beta (lambda * x_i) . c_j and (lambda * dG_i) . c_j), one row panel at a time.
   CemPanel score_bias, dp_bias;
-  // Outputs of the tile kernel (input dtype): P (and dS = P (dP - Delta)), summed over heads unless
-  // probs_per_head.
+  // Float32 row panels the kernels add P (forward and backward) and dS = P (dP - Delta)
+  // (backward) into, summed over heads unless probs_per_head. The caller zeroes them.
   CemPanel probs, dprobs;
 
   const void* alibi_slopes = nullptr;  // (H,), input dtype; bias -m_h (i - j)
 
   int batch = 0, seq = 0, heads = 0, head_dim = 0;
-  // Query rows handled by this launch: [row_begin, row_end). row_begin is a multiple of the tile
-  // size; keys are causal, so a launch touches keys [0, row_end).
+  // Query rows handled by this launch: [row_begin, row_end). row_begin is a multiple of the kernel
+  // set's tile_rows; keys are causal, so a launch touches keys [0, row_end).
   int row_begin = 0, row_end = 0;
   float scale = 1.f;
   bool probs_per_head = false;
+  // Backward: dQ is added into dq (zeroed by the caller) by the main backward kernel; otherwise the
+  // deterministic bwd_dq kernel writes it.
+  bool dq_atomic = false;
+  // Backward: key rows from here on get their first contribution in this launch and are written,
+  // the ones before it accumulated (dK sums over panels and steps).
+  int dk_overwrite_from = 0;
   // 16-byte vector loads are legal for q, k, o, dout (aligned base pointers and row/head strides).
   bool vec_loads = false;
 };
 
 // The fused update after each forward step, one row (b, i) per block:
-//   PG = p * G + U (U^T G),  Delta += eta_t PG,  x^{t+1} = round(x^0 + Delta),  out = round(Delta).
+//   G = g + lambda * vbar,  PG = p * G + U (U^T G),  Delta += eta_t PG,
+//   x^{t+1} = round(x^0 + Delta),  out = round(Delta),  diag_out = round(lambda * vbar).
 struct CemEpilogueParams {
-  const float* g = nullptr;       // (rows, D): G = W_Q^T o + diagonal value term
+  const float* g = nullptr;       // (rows, D): W_Q^T o, float32
+  const float* vbar = nullptr;    // (rows, D): the diagonal's value term (Pbar c, or sum_k lambda_k P^k c), or null
+  const float* lam = nullptr;     // (D,) float32: scales vbar (a shared diagonal), or null
+  void* diag_out = nullptr;       // (rows, D), input dtype: lambda * vbar saved for the backward, or null
   const float* z = nullptr;       // (rows, R): U^T G, or null without a low-rank part
   const float* u_t = nullptr;     // (R, D): U transposed, float32
   const void* p_diag = nullptr;   // (D,), input dtype, or null (p = 1)

@@ -21,6 +21,7 @@
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "cuda/host_runtime.h"
 #include "cuda/kernel_registry.h"
@@ -56,8 +57,10 @@ void warn_fallback(const char* op, const std::string& why, at::ScalarType dtype)
 // Products with float32 output for input-dtype operands (cuBLAS accumulates in float32).
 at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b);
 at::Tensor bmm_f32(const at::Tensor& a, const at::Tensor& b);
-
-void check_launch(cudaError_t err, const char* what);
+// The same, written into (dst = a b) or added to (dst += alpha a b) a float32 destination, which
+// may be a view: no temporary, no second pass.
+void bmm_f32_into(at::Tensor dst, const at::Tensor& a, const at::Tensor& b);
+void add_bmm_f32(at::Tensor dst, const at::Tensor& a, const at::Tensor& b, double alpha = 1.0);
 
 // Everything a step needs that does not change between steps.
 struct Setup {
@@ -71,11 +74,21 @@ struct Setup {
   at::Tensor alibi;       // (H,) contiguous or undefined
   float beta;
   int64_t panel_rows;     // query rows per diagonal panel (multiple of the tile size)
+  bool deterministic;     // torch.use_deterministic_algorithms(True) or CEM_OPS_DETERMINISTIC=1
   cudaStream_t stream;
 
   bool has_diag() const { return s.diag_mode != DiagMode::kNone; }
   bool per_head() const { return s.diag_mode == DiagMode::kPerHead; }
+  // Probability panels one slice per head: a per-head diagonal, or a shared one whose head sums
+  // would otherwise be float atomics in an order that changes from run to run.
+  bool head_panels() const { return per_head() || (has_diag() && deterministic && kernels->atomic_head_sums); }
+  // dQ added by the main backward kernel with atomics, or written by bwd_dq (or by bwd itself).
+  bool dq_atomic() const { return kernels->bwd_dq != nullptr && !deterministic; }
 };
+
+// A launch error, and with CEM_OPS_CUDA_SYNC=1 also an asynchronous fault of the kernel, which is
+// then reported by the kernel that made it rather than by a later call.
+void check_launch(const Setup& st, cudaError_t err, const char* what);
 
 void check_launch_limits(const char* op, const AttentionSizes& s);
 void check_device_smem(const char* op, const AttentionKernelSet& set);
@@ -92,11 +105,29 @@ CemPanel panel_view(const at::Tensor& t, bool per_head);
 bool aligned16(const at::Tensor& t);
 CemAttnParams base_params(const Setup& st, const at::Tensor& q, const at::Tensor& o, const at::Tensor& lse);
 
-// (alpha lambda_k * v_i) . c_j for the panel rows v (B, rows, D) and keys j < keys, float32:
-// (B, rows, keys) for a shared diagonal, (B, H, rows, keys) per head. The scores' S^D (v = x^t,
-// alpha = beta) and the backward's y . c (v = dG, alpha = 1).
-at::Tensor diag_products(const Setup& st, const at::Tensor& v, double alpha, int64_t keys);
+// The float32 row panels of one call, allocated once at their largest and viewed per panel (the
+// caching allocator then reuses one block instead of a growing series).
+class PanelWorkspace {
+ public:
+  PanelWorkspace(const Setup& st, int count);
+  // Panel `index` as (B, rows, keys), or (B, H, rows, keys) when `per_head`, contiguous.
+  at::Tensor view(int index, int64_t rows, int64_t keys, bool per_head) const;
 
-at::Tensor empty_panel(const Setup& st, int64_t rows, int64_t keys);
+ private:
+  const Setup& st_;
+  std::vector<at::Tensor> buffers_;
+};
+
+// (alpha lambda_k * v_i) . c_j for the panel rows v (B, rows, D) and keys j < keys, into the
+// float32 panel `dst`: (B, rows, keys) for a shared diagonal, (B, H, rows, keys) per head. The
+// scores' S^D (v = x^t, alpha = beta) and the backward's y . c (v = dG, alpha = 1).
+void diag_products(const Setup& st, at::Tensor dst, const at::Tensor& v, double alpha, int64_t keys);
+
+// A probability panel as the D-wide products take it: summed over heads where the diagonal is
+// shared but the panel has one slice per head, in the input dtype.
+at::Tensor panel_operand(const Setup& st, const at::Tensor& panel);
+
+// Whether the deterministic kernels are asked for.
+bool deterministic_mode();
 
 }  // namespace cem::cuda

@@ -11,7 +11,6 @@
 #include "cuda/emulation/emulation.h"
 #else
 #include <cuda_runtime.h>
-#include <mma.h>
 #endif
 
 #include <tuple>
@@ -66,6 +65,28 @@ cudaError_t launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid
   }
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
   return cudaGetLastError();
+#endif
+}
+
+// Resident blocks per SM of `kernel` with `threads` threads and `smem` bytes of dynamic shared
+// memory (the occupancy API; in emulation, the emulated device's thread and shared-memory limits).
+template <class... Params>
+int resident_blocks(void (*kernel)(Params...), int threads, int smem_attribute, int smem) {
+#ifdef CEM_CUDA_EMULATION
+  (void)kernel;
+  (void)smem_attribute;
+  const auto& device = ::cem::emu::device_properties();
+  const int by_threads = device.max_threads_per_multiprocessor / threads;
+  const int by_smem = smem > 0 ? device.smem_per_multiprocessor / smem : by_threads;
+  return by_threads < by_smem ? (by_threads > 0 ? by_threads : 1) : (by_smem > 0 ? by_smem : 1);
+#else
+  int blocks = 0;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_attribute) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem) != cudaSuccess) {
+    cudaGetLastError();  // an estimate only: clear the error
+    return 1;
+  }
+  return blocks > 0 ? blocks : 1;
 #endif
 }
 

@@ -19,14 +19,18 @@ using AttnLauncher = cudaError_t (*)(const CemAttnParams&, cudaStream_t);
 
 struct AttentionKernelSet {
   int max_head_dim = 0;  // handles head dims up to this (zero-padded inside the tiles)
-  int tile_rows = 0;     // query rows per tile: panels start at multiples of this
+  int tile_rows = 0;     // panels start at multiples of this
   int smem_bytes = 0;    // the largest dynamic shared memory any of its kernels asks for
-  AttnLauncher fwd = nullptr;              // lse and o for rows [row_begin, row_end)
-  AttnLauncher tile_probs = nullptr;       // P (head-summed or per head) of a row panel
-  AttnLauncher tile_probs_grad = nullptr;  // P and dS = P (dP - Delta) of a row panel
-  AttnLauncher bwd_delta = nullptr;        // Delta = dO . o (+ sum_j p_ij dp_bias_ij)
-  AttnLauncher bwd_dk = nullptr;           // dK += beta dS^T Q + P^T dO over query rows of the launch
-  AttnLauncher bwd_dq = nullptr;           // dQ = beta dS K
+  // Whether the kernels add head-summed panels with atomics (an order-dependent float sum): the
+  // deterministic mode then asks for per-head panels and sums them itself.
+  bool atomic_head_sums = false;
+  AttnLauncher fwd = nullptr;        // o and lse for rows [row_begin, row_end); with p.probs, P added into it
+  AttnLauncher bwd_delta = nullptr;  // Delta = dO . o (+ sum_j p_ij dp_bias_ij)
+  AttnLauncher bwd = nullptr;        // dK (+= beta dS^T Q + P^T dO), dQ when p.dq_atomic, P and dS into p.probs/dprobs
+  AttnLauncher bwd_dq = nullptr;     // dQ = beta dS K, written once per row (the deterministic mode)
+  // Resident blocks per SM of the forward kernel (with or without score-bias tiles), for sizing
+  // panels in whole waves; may be null.
+  int (*fwd_blocks_per_sm)(bool bias) = nullptr;
 };
 
 // Called from static initializers of the generated TUs.

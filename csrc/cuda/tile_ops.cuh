@@ -1,6 +1,6 @@
-// Device building blocks of the attention kernels: dtype conversions, warp reductions, masked
-// global -> shared tile loads, and a warp-level 16 x N matrix product kept in registers
-// (tensor cores through WMMA for fp16/bf16, exact fp32 FMA for float).
+// Device building blocks of the attention kernels: dtype conversions, warp reductions, and for the
+// float32 kernels masked global -> shared tile loads and a warp-level 16 x N exact-FMA product
+// kept in registers (the bf16/fp16 kernels use tensor_core_tiles.cuh).
 #pragma once
 
 #include "cuda/device_runtime.cuh"
@@ -93,52 +93,12 @@ __device__ __forceinline__ int elem(int r, int c, int ld) {
 }
 
 // A 16 x kN float32 accumulator owned by one warp: acc += A (16 x kK) * B (kK x kN), with A and B
-// in shared memory in the given layouts. kN and kK are multiples of 16; pointers are 32-byte
-// aligned and leading dimensions multiples of 8 (16-bit) or 4 (float) elements (WMMA rules).
-template <typename T, int kN, typename Enable = void>
-struct WarpTile {
-  static_assert(kN % 16 == 0, "tile width must be a multiple of 16");
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> frag[kN / 16];
-
-  __device__ __forceinline__ void zero() {
-#pragma unroll
-    for (int j = 0; j < kN / 16; ++j) {
-      nvcuda::wmma::fill_fragment(frag[j], 0.f);
-    }
-  }
-
-  template <class LA, class LB, int kK>
-  __device__ __forceinline__ void mma(const T* a, int lda, const T* b, int ldb) {
-    namespace wmma = nvcuda::wmma;
-    using WA = std::conditional_t<std::is_same_v<LA, RowMajor>, wmma::row_major, wmma::col_major>;
-    using WB = std::conditional_t<std::is_same_v<LB, RowMajor>, wmma::row_major, wmma::col_major>;
-    static_assert(kK % 16 == 0, "reduction length must be a multiple of 16");
-#pragma unroll
-    for (int k = 0; k < kK; k += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, WA> fa;
-      wmma::load_matrix_sync(fa, a + elem<LA>(0, k, lda), lda);
-#pragma unroll
-      for (int j = 0; j < kN / 16; ++j) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, WB> fb;
-        wmma::load_matrix_sync(fb, b + elem<LB>(k, j * 16, ldb), ldb);
-        wmma::mma_sync(frag[j], fa, fb, frag[j]);
-      }
-    }
-  }
-
-  __device__ __forceinline__ void store(float* c, int ldc) const {
-#pragma unroll
-    for (int j = 0; j < kN / 16; ++j) {
-      nvcuda::wmma::store_matrix_sync(c + j * 16, frag[j], ldc, nvcuda::wmma::mem_row_major);
-    }
-  }
-};
-
-// float32: exact FMA (no TF32), so fp32 inputs meet the 1e-4 contract. Lane = 8 * ty + tx owns
-// rows ty + 4 i (i < 4) and columns tx + 8 j (j < kN / 8); with the padded leading dimensions of
-// the kernels (ld % 32 == 4) its shared-memory reads are free of bank conflicts.
+// in shared memory in the given layouts, by exact FMA (no TF32), so fp32 inputs meet the 1e-4
+// contract. Lane = 8 * ty + tx owns rows ty + 4 i (i < 4) and columns tx + 8 j (j < kN / 8); with
+// the padded leading dimensions of the kernels (ld % 32 == 4) its shared-memory reads are free of
+// bank conflicts.
 template <int kN>
-struct WarpTile<float, kN, void> {
+struct WarpTile {
   static_assert(kN % 16 == 0, "tile width must be a multiple of 16");
   float acc[4][kN / 8];
 

@@ -1,10 +1,10 @@
 // The register layouts of the project's tensor-core and async-copy wrappers (csrc/cuda/
-// primitives.cuh) and of WMMA, checked against plain matrix products. Fragments are built here
+// primitives.cuh), checked against plain matrix products. Fragments are built here
 // from the PTX ISA's index formulas, written out again on purpose rather than taken from the
 // emulator: built for the emulated backend this proves the emulator follows the ISA; built with
 // nvcc and run on a GPU it proves the hardware does the same.
 //
-//   emulated: tests/test_primitive_layouts.py compiles it with the host compiler (CEM_CUDA_EMULATION)
+//   emulated: tests/test_emulator.py compiles it with the host compiler (CEM_CUDA_EMULATION)
 //   GPU:      nvcc -std=c++17 -arch=sm_80 -I csrc -o layouts tests/cuda/primitive_layouts.cu && ./layouts
 //
 // Usage: primitive_layouts [seed]. One line per check; exit status 1 if any check fails.
@@ -286,48 +286,6 @@ void check_cp_async(std::mt19937& rng) {
   report(name, wrong == 0, std::to_string(wrong) + " of " + std::to_string(2 * kThreads * kFloats) + " values differ");
 }
 
-// ---------------------------------------------------------------------------------------------
-// WMMA 16 x 16 x 16 (the layout is the hardware's secret; only the product is checked).
-
-template <typename T, class LayoutB>
-__global__ void wmma_kernel(const T* a, const T* b, const float* c, float* d) {
-  namespace wmma = nvcuda::wmma;
-  T* sa = reinterpret_cast<T*>(dynamic_smem());
-  T* sb = sa + 256;
-  float* sc = reinterpret_cast<float*>(sb + 256);
-  const int lane = threadIdx.x;
-  constexpr bool kColMajorB = std::is_same_v<LayoutB, wmma::col_major>;
-  for (int e = lane; e < 256; e += 32) {
-    sa[e] = a[e];
-    sb[e] = kColMajorB ? b[(e % 16) * 16 + e / 16] : b[e];  // col-major: element (k, n) at n * 16 + k
-    sc[e] = c[e];
-  }
-  __syncwarp();
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> fb;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-  wmma::load_matrix_sync(fa, sa, 16);
-  wmma::load_matrix_sync(fb, sb, 16);
-  wmma::load_matrix_sync(acc, sc, 16, wmma::mem_row_major);
-  wmma::mma_sync(acc, fa, fb, acc);
-  __syncwarp();
-  wmma::store_matrix_sync(sc, acc, 16, wmma::mem_row_major);
-  __syncwarp();
-  for (int e = lane; e < 256; e += 32) d[e] = sc[e];
-}
-
-template <typename T, class LayoutB>
-void check_wmma(std::mt19937& rng, const std::string& name) {
-  Buffer<T> a(random_matrix<T>(rng, 256)), b(random_matrix<T>(rng, 256));
-  Buffer<float> c(random_floats(rng, 256)), d(std::vector<float>(256, NAN));
-  const int smem = 2 * 256 * 2 + 256 * 4;
-  if (launched(name, launch_kernel("wmma", wmma_kernel<T, LayoutB>, dim3(1), dim3(32), smem, smem, nullptr, a.device,
-                                   b.device, c.device, d.device))) {
-    const double err = product_error(a.host, b.host, c.host, d.read(), 16, 16, 16);
-    report(name, err < kProductTolerance, "relative error " + scientific(err));
-  }
-}
-
 int main(int argc, char** argv) {
   const unsigned seed = argc > 1 ? static_cast<unsigned>(std::strtoul(argv[1], nullptr, 10)) : 1u;
   std::printf("seed %u\n", seed);
@@ -343,9 +301,6 @@ int main(int argc, char** argv) {
   check_cp_async<4>(rng);
   check_cp_async<8>(rng);
   check_cp_async<16>(rng);
-  check_wmma<__half, nvcuda::wmma::row_major>(rng, "wmma f16, B row-major");
-  check_wmma<__nv_bfloat16, nvcuda::wmma::row_major>(rng, "wmma bf16, B row-major");
-  check_wmma<__nv_bfloat16, nvcuda::wmma::col_major>(rng, "wmma bf16, B col-major");
   std::printf("%s\n", failures == 0 ? "all layout checks passed" : "SOME LAYOUT CHECKS FAILED");
   return failures == 0 ? 0 : 1;
 }

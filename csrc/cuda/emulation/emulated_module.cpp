@@ -148,8 +148,17 @@ PyObject* reset_stats(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+// settings() -> (block_order, seed, check_hazards, workers): the calling host thread's.
+PyObject* settings(PyObject*, PyObject*) {
+  static const char* const orders[] = {"sequential", "reversed", "shuffled"};
+  const auto c = cem::emu::config();
+  return Py_BuildValue("(sKOi)", orders[static_cast<int>(c.block_order)], static_cast<unsigned long long>(c.seed),
+                       c.check_hazards ? Py_True : Py_False, c.workers);
+}
+
 PyMethodDef methods[] = {
-    {"configure", configure, METH_VARARGS, "configure(block_order, seed, check_hazards, workers)"},
+    {"configure", configure, METH_VARARGS, "configure(block_order, seed, check_hazards, workers): this host thread's"},
+    {"settings", settings, METH_NOARGS, "settings() -> (block_order, seed, check_hazards, workers): this host thread's"},
     {"set_fault", set_fault, METH_VARARGS, "set_fault(kind, file_suffix, line)"},
     {"plant", plant, METH_O, "plant(name)"},
     {"sync_sites", sync_sites, METH_NOARGS, "sync_sites() -> [(kernel, kind, file, line)]"},

@@ -8,4 +8,3 @@
 #include "builtins.h"
 #include "launch.h"
 #include "ptx.h"
-#include "wmma.h"

@@ -24,15 +24,9 @@ const DeviceProperties& device_properties() {
   return properties;
 }
 
-void set_config(const Config& config) {
-  std::lock_guard<std::mutex> lock(detail::globals().mutex);
-  detail::globals().config = config;
-}
+void set_config(const Config& config) { detail::tls_config = config; }
 
-Config config() {
-  std::lock_guard<std::mutex> lock(detail::globals().mutex);
-  return detail::globals().config;
-}
+Config config() { return detail::tls_config; }
 
 void set_fault(const FaultPlan& plan) {
   std::lock_guard<std::mutex> lock(detail::globals().mutex);
@@ -126,25 +120,28 @@ inline void run_blocks(LaunchJob& job) {
   job.reports.push_back(std::move(w.report));
 }
 
-// Helper host threads, started on first use and kept for the process's life.
+// The host threads that run blocks, started on first use and kept for the process's life. Only
+// they run blocks, and one launch at a time: however many host threads launch, the fiber stacks
+// and shared-memory arenas stay those of at most kMaxWorkers threads.
 class WorkerPool {
  public:
-  // Runs task on `helpers` pool threads and on the caller; returns when all are done.
-  void run(int helpers, const std::function<void()>& task) {
+  static constexpr int kMaxWorkers = 16;
+
+  // Runs task on `count` pool threads; returns when all are done. Launches from several host
+  // threads queue here.
+  void run(int count, const std::function<void()>& task) {
+    std::lock_guard<std::mutex> serial(launch_mutex_);
     std::unique_lock<std::mutex> lock(mutex_);
-    while (static_cast<int>(threads_.size()) < helpers) {
+    while (static_cast<int>(threads_.size()) < count) {
       const int index = static_cast<int>(threads_.size());
       threads_.emplace_back([this, index] { loop(index); });
       threads_.back().detach();
     }
     task_ = &task;
-    wanted_ = helpers;
-    pending_ = helpers;
+    wanted_ = count;
+    pending_ = count;
     ++generation_;
     wake_.notify_all();
-    lock.unlock();
-    task();
-    lock.lock();
     done_.wait(lock, [this] { return pending_ == 0; });
     task_ = nullptr;
   }
@@ -165,7 +162,7 @@ class WorkerPool {
     }
   }
 
-  std::mutex mutex_;
+  std::mutex launch_mutex_, mutex_;
   std::condition_variable wake_, done_;
   std::vector<std::thread> threads_;
   const std::function<void()>* task_ = nullptr;
@@ -193,12 +190,12 @@ cudaError_t launch(const char* kernel_name, const void* kernel_id, dim3 grid, di
   Launch launch{kernel_name, grid, block, dynamic_smem, body, closure};
   LaunchJob job;
   job.launch = &launch;
+  job.config = tls_config;
   int limit = device.max_dynamic_smem_default;
   {
     std::lock_guard<std::mutex> lock(globals().mutex);
     const auto it = globals().max_dynamic_smem.find(kernel_id);
     if (it != globals().max_dynamic_smem.end()) limit = std::max(limit, it->second);
-    job.config = globals().config;
     job.fault = globals().fault;
   }
   if (dynamic_smem > static_cast<size_t>(limit)) {
@@ -218,18 +215,16 @@ cudaError_t launch(const char* kernel_name, const void* kernel_id, dim3 grid, di
     std::mt19937_64 rng(job.config.seed ^ static_cast<uint64_t>(globals().launches.load()));
     std::shuffle(job.order.begin(), job.order.end(), rng);
   }
-  const int helpers = static_cast<int>(std::min<long long>(std::max(job.config.workers, 1), blocks)) - 1;
-  if (helpers == 0) {
-    run_blocks(job);
-  } else {
-    const std::function<void()> task = [&job] { run_blocks(job); };
-    pool().run(helpers, task);
-  }
+  const int workers = static_cast<int>(std::min<long long>(
+      std::clamp(job.config.workers, 1, WorkerPool::kMaxWorkers), blocks));
+  const std::function<void()> task = [&job] { run_blocks(job); };
+  pool().run(workers, task);
 
   Report merged;
   for (const Report& r : job.reports) {
+    if (!r.ended.empty()) merged.add(r.ended, r.code, true);
     for (const auto& line : r.lines) merged.add(line, r.code);
-    merged.problems += r.problems - static_cast<int>(r.lines.size());
+    merged.problems += r.problems - static_cast<int>(r.lines.size()) - (r.ended.empty() ? 0 : 1);
     if (merged.code == cudaSuccess) merged.code = r.code;
   }
   if (merged.problems == 0) return cudaSuccess;

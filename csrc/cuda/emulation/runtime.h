@@ -1,6 +1,6 @@
 // The interface between emulated device code and the emulator (implementation.h): the calling
 // thread, block-wide and warp-wide synchronisation, checked memory accesses, launches and the
-// emulator's settings. Device code never calls this directly; builtins.h, wmma.h and ptx.h do.
+// emulator's settings. Device code never calls this directly; builtins.h and ptx.h do.
 #pragma once
 
 #include <driver_types.h>  // cudaError_t, cudaStream_t: plain types, usable without nvcc
@@ -32,6 +32,7 @@ struct Config {
   bool check_hazards = true;  // shared-memory race detection (bounds and alignment are always on)
   int workers = 1;            // host threads running the blocks of a launch (each block on one)
 };
+// The calling host thread's settings: each host thread launches with its own.
 void set_config(const Config& config);
 Config config();
 
@@ -43,6 +44,8 @@ struct DeviceProperties {
   int max_dynamic_smem_default = 48 * 1024;  // without cudaFuncAttributeMaxDynamicSharedMemorySize
   int max_dynamic_smem_optin = 163 * 1024;   // cudaDevAttrMaxSharedMemoryPerBlockOptin
   int multiprocessors = 108;
+  int max_threads_per_multiprocessor = 2048;
+  int smem_per_multiprocessor = 164 * 1024;
 };
 const DeviceProperties& device_properties();
 

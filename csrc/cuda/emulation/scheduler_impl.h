@@ -79,8 +79,16 @@ inline std::string describe_waiters(const Worker& w) {
         cudaErrorLaunchFailure);
 }
 
+inline bool copies_in_flight(const Thread& t) {
+  if (!t.async_open.empty()) return true;
+  for (const auto& group : t.async_committed) {
+    if (!group.empty()) return true;  // an empty group in flight is harmless
+  }
+  return false;
+}
+
 inline void thread_exit(Worker& w, Thread& t) {
-  if (!t.async_open.empty() || !t.async_committed.empty()) {
+  if (copies_in_flight(t)) {
     w.report.add(describe_thread(w, t) + " exited with cp.async copies it never waited for (cp.async.wait_group) [" +
                      describe_block(w) + "]",
                  cudaErrorLaunchFailure);
@@ -161,7 +169,7 @@ inline void run_block(Worker& w, uint3 block_idx, std::vector<int>& order, std::
       w.report.add("deadlock: no thread can continue: " + describe_waiters(w) +
                        " (a barrier or warp operation that not every thread reaches; compute-sanitizer --tool "
                        "synccheck reports divergent barriers) [" + describe_block(w) + "]",
-                   cudaErrorLaunchFailure);
+                   cudaErrorLaunchFailure, true);
       w.aborted = true;
     }
   }

@@ -87,18 +87,24 @@ struct Report {
   std::set<std::tuple<int, size_t, int>> hazards_seen;  // (kind, shared offset, thread): one line each
   cudaError_t code = cudaSuccess;
 
-  void add(const std::string& line, cudaError_t error) {
+  std::string ended;  // the error that ended a block, reported first
+
+  void add(const std::string& line, cudaError_t error, bool ends_block = false) {
     ++problems;
-    if (code == cudaSuccess) code = error;
+    if (code == cudaSuccess || ends_block) code = error;
+    if (ends_block && ended.empty()) {
+      ended = line;
+      return;
+    }
     constexpr size_t kMaxLines = 12;
     if (lines.size() < kMaxLines) lines.push_back(line);
   }
   std::string text() const {
     std::string out;
+    if (!ended.empty()) out += "\n  " + ended;
     for (const auto& line : lines) out += "\n  " + line;
-    if (problems > static_cast<int>(lines.size())) {
-      out += "\n  ... and " + std::to_string(problems - static_cast<int>(lines.size())) + " more";
-    }
+    const int shown = static_cast<int>(lines.size()) + (ended.empty() ? 0 : 1);
+    if (problems > shown) out += "\n  ... and " + std::to_string(problems - shown) + " more";
     return out;
   }
 };
@@ -154,6 +160,7 @@ struct Worker {
 
 inline thread_local Worker* tls_worker = nullptr;  // host side: the worker of this host thread
 inline thread_local std::string tls_last_report;
+inline thread_local Config tls_config;  // the settings this host thread launches with
 
 // The emulated thread whose fiber is running here, or null in host code.
 inline Thread* current_fiber() {
@@ -167,7 +174,6 @@ inline Worker& worker() {
 
 struct Globals {
   std::mutex mutex;
-  Config config;
   FaultPlan fault;
   std::map<const void*, int> max_dynamic_smem;  // cudaFuncSetAttribute, per kernel
   std::set<std::tuple<std::string, std::string, std::string, int>> sync_sites;
@@ -223,7 +229,7 @@ inline std::string site_text(const Site& site) { return std::string(site.file) +
 [[noreturn]] inline void fatal(const std::string& message, cudaError_t error) {
   Thread& t = current_thread("fatal");
   Worker& w = *t.worker;
-  w.report.add(message + " [" + describe_block(w) + "]", error);
+  w.report.add(message + " [" + describe_block(w) + "]", error, true);
   w.aborted = true;
   t.state = ThreadState::kDone;
   switch_context(t.context, w.scheduler);

@@ -1,5 +1,5 @@
 // Warp-wide operations: the named lanes meet, one combine step computes every lane's result
-// (__syncwarp, shuffles, votes, and the tensor-core emulations of wmma.h and ptx.h). Lanes that
+// (__syncwarp, shuffles, votes, and the tensor-core emulation of ptx.h). Lanes that
 // meet in different operations, or a mask naming absent lanes, are errors. Part of
 // implementation.h.
 #pragma once
