@@ -27,6 +27,7 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
+VERSION = "0.1.0"  # cem_ops.__version__; wheels add the build tag as the local part
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0a"
 MEMORY_PER_JOB_GB = 3  # nvcc and torch-heavy C++ units each peak near this
 
@@ -151,6 +152,23 @@ def torch_requirement() -> str:
     return f"torch=={torch.__version__.split('+')[0]}"
 
 
+def build_tag() -> str:
+    """The version's local part, naming what the binary is tied to (as GPU wheels do):
+    "torch2.14cu130" with the CUDA kernels, "torch2.14cpu" without; empty without torch."""
+    try:
+        import torch
+    except ImportError:  # metadata without a build
+        return ""
+    torch_release = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    with_cuda, _ = cuda_enabled(torch)
+    return f"torch{torch_release}" + (f"cu{torch.version.cuda.replace('.', '')}" if with_cuda else "cpu")
+
+
+def package_version() -> str:
+    tag = build_tag()
+    return f"{VERSION}+{tag}" if tag else VERSION
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -194,7 +212,7 @@ class CMakeBuild(build_ext):
 
 setup(
     name="cem_ops",
-    version="0.1.0",
+    version=package_version(),
     description="Fused kernels for Causal Energy Minimization (CEM) Transformer layers in PyTorch",
     packages=find_packages(include=["cem_ops", "cem_ops.*"]),
     python_requires=">=3.10",

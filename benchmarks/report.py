@@ -55,17 +55,28 @@ def best_stock(impls: dict) -> dict | None:
     return min(measured, key=lambda r: r["median_ms"]) if measured else None
 
 
-def table(rows: list[dict]) -> str:
+def matmul_rate(ceiling_rows: list[dict]) -> float | None:
+    """TFLOP/s of the dense matmul ceiling measured in the same run, or None without one."""
+    rates = [r["tflops"] for r in ceiling_rows if r["what"].startswith("matmul")]
+    return rates[0] if rates else None
+
+
+def table(rows: list[dict], matmul_tflops: float | None = None) -> str:
+    """One row per (mode, config, impl); "of matmul" is the useful TFLOP/s as a share of the
+    matmul ceiling measured in the same run (blank without one)."""
     llama = {yardstick_key(r): r for r in rows if r["impl"] == "llama"}
     by_config = defaultdict(dict)
     for r in rows:
         if r["impl"] != "llama":
             by_config[(r["mode"], r["config"])][r["impl"]] = r
     lines = [
-        "| mode | config | impl | median ms (q1-q3) | TFLOP/s | GB/s (min bytes) | peak MiB | vs reference "
-        "| vs best stock | vs llama (time, memory) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| mode | config | impl | median ms (q1-q3) | TFLOP/s | of matmul | GB/s (min bytes) | peak MiB "
+        "| vs reference | vs best stock | vs llama (time, memory) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def of_matmul(r: dict) -> str:
+        return f"{r['tflops'] / matmul_tflops:.0%}" if matmul_tflops else ""
 
     def order(item):
         (mode, _), impls = item
@@ -93,13 +104,14 @@ def table(rows: list[dict]) -> str:
                     vs_llama += f", {r['peak_memory_bytes'] / yard['peak_memory_bytes']:.2f}x memory"
             lines.append(
                 f"| {mode} | {config} | {name} ({r['backend']}) "
-                f"| {r['median_ms']:.3f} ({r['q1_ms']:.3f}-{r['q3_ms']:.3f}) | {r['tflops']:.4g} | {r['gbps']:.4g} "
+                f"| {r['median_ms']:.3f} ({r['q1_ms']:.3f}-{r['q3_ms']:.3f}) | {r['tflops']:.4g} | {of_matmul(r)} "
+                f"| {r['gbps']:.4g} "
                 f"| {peak} | {ratios[0]} | {ratios[1]} | {vs_llama} |"
             )
         if yard:
             peak = "" if yard.get("peak_memory_bytes") is None else f"{yard['peak_memory_bytes'] / 2**20:.0f}"
             lines.append(f"| {mode} | {config} | llama (yardstick) | {yard['median_ms']:.3f} | {yard['tflops']:.4g} "
-                         f"| {yard['gbps']:.4g} | {peak} | | | |")
+                         f"| {of_matmul(yard)} | {yard['gbps']:.4g} | {peak} | | | |")
     return "\n".join(lines)
 
 
@@ -166,7 +178,8 @@ def main() -> None:
               "FLOP convention: see benchmarks/harness.py (useful FLOPs, causal half, diagonal terms included; "
               "forward+backward = 3x forward).", ""]
     md = args.json.with_suffix(".md")
-    md.write_text("\n".join(header) + (ceilings(ceiling_rows) if ceiling_rows else "") + table(rows) + "\n")
+    body = (ceilings(ceiling_rows) if ceiling_rows else "") + table(rows, matmul_rate(ceiling_rows))
+    md.write_text("\n".join(header) + body + "\n")
     print(md.read_text())
     if plot(rows, args.json.with_suffix(".png")):
         print(f"wrote {args.json.with_suffix('.png')}")

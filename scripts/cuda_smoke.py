@@ -24,8 +24,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import cem_ops  # noqa: E402
+try:
+    import cem_ops  # the installed package (a wheel, or the checkout's editable install)
+except ModuleNotFoundError:  # a checkout that was built in place but not installed
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import cem_ops  # noqa: E402
 from cem_ops.testing import AttentionCase, cuda_emulation  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

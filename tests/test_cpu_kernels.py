@@ -221,19 +221,21 @@ def test_attention_wide_model_float32_keeps_long_sums_accurate(rng, record_error
     assert_matches_reference("attention", OPS.attention, inputs, rng, record_error)
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 @pytest.mark.parametrize("diag", ["none", "shared", "per_head"])
 def test_attention_instruction_sets(isa, diag):
-    if isa == "avx2" and not _cpu_has_avx2():
-        pytest.skip("this CPU has no AVX2 + FMA")
+    if isa != "generic" and not _cpu_has(isa):
+        pytest.skip(f"this CPU has no {isa} (+ FMA)")
     with env(CEM_OPS_CPU_ISA=isa):
         check_attention(attn_case(seq=130, diag=diag), torch.float64)
         check_attention(attn_case(seq=130, diag=diag), torch.float32)
+        # 12-row micro-kernels (AVX-512) and their 1..11-row tails: heights around the blocking.
+        check_attention(attn_case(seq=37, diag=diag, dim=40, head_dim=29), torch.float32)
 
 
-def _cpu_has_avx2() -> bool:
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    return " avx2" in flags and " fma" in flags
+def _cpu_has(isa: str) -> bool:
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    return {"avx2": {"avx2", "fma"}, "avx512": {"avx512f", "fma"}}[isa] <= flags
 
 
 def test_attention_unknown_instruction_set_is_an_error():

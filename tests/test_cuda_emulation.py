@@ -155,12 +155,13 @@ print("ok")
 """
 
 
-def test_launches_from_several_host_threads_run_safely(backend) -> None:
+def test_launches_from_several_host_threads_run_safely(backend, tmp_path) -> None:
     """Two host threads launching at once (each with its own workers) get their single-thread
-    results; a hang would be a failure, hence the subprocess with a timeout."""
+    results; a hang would be a failure, hence the subprocess with a timeout (started outside
+    the checkout: it imports the cem_ops under test, installed or editable)."""
     env = dict(os.environ, CEM_OPS_DETERMINISTIC="1")
     proc = subprocess.run([sys.executable, "-c", CONCURRENT_LAUNCHES], capture_output=True, text=True, timeout=600,
-                          env=env, cwd=ROOT)
+                          env=env, cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
@@ -297,8 +298,7 @@ def run_smoke_under_asan(*args: str) -> subprocess.CompletedProcess:
     libraries = [compiler_library("libasan.so"), compiler_library("libstdc++.so")]
     if None in libraries:
         pytest.skip("AddressSanitizer's runtime (libasan.so) or libstdc++.so was not found")
-    env = dict(os.environ, LD_PRELOAD=" ".join(libraries), ASAN_OPTIONS="detect_leaks=0",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, LD_PRELOAD=" ".join(libraries), ASAN_OPTIONS="detect_leaks=0")
     command = [sys.executable, str(ROOT / "scripts" / "cuda_smoke.py"), "--emulated", *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
 

@@ -7,6 +7,7 @@ which other test files share).
 
 from __future__ import annotations
 
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -238,13 +239,27 @@ def test_grid_refuses_runs_with_another_configuration(corpus, tmp_path):
 
 def test_first_interrupt_asks_to_stop_second_aborts():
     import os
-    import signal
 
     from cem_lm.interrupt import StopOnInterrupt
 
+    found = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup
     with StopOnInterrupt() as interrupt:
         os.kill(os.getpid(), signal.SIGINT)
         assert interrupt.requested
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is found
+
+
+@pytest.mark.parametrize("handler", [signal.SIG_IGN, signal.SIG_DFL, lambda signum, frame: None],
+                         ids=["ignored", "default", "custom"])
+def test_interrupt_guard_restores_the_handler_it_found(handler):
+    from cem_lm.interrupt import StopOnInterrupt
+
+    saved = signal.signal(signal.SIGINT, handler)
+    try:
+        with StopOnInterrupt():
+            assert signal.getsignal(signal.SIGINT) is not handler
+        assert signal.getsignal(signal.SIGINT) is handler
+    finally:
+        signal.signal(signal.SIGINT, saved)

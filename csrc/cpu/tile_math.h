@@ -185,23 +185,33 @@ inline void gemm_micro(
   } while (k0 < K);
 }
 
+// The last M % MR rows, one micro-kernel of the exact height.
+template <typename T, int MR, int NV, bool kTransA>
+inline void gemm_tail(
+    int rows, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  if constexpr (MR > 0) {
+    if (rows == MR) {
+      gemm_micro<T, MR, NV, kTransA>(K, A, lda, B, ldb, C, ldc, accumulate);
+    } else {
+      gemm_tail<T, MR - 1, NV, kTransA>(rows, K, A, lda, B, ldb, C, ldc, accumulate);
+    }
+  }
+}
+
+// Rows per micro-kernel: MR x 2 vector accumulators plus the B vectors must stay in registers
+// (16 vector registers up to AVX2: 6 x 2; AVX-512 has 32: 12 x 2).
+constexpr int kGemmRows = CEM_VEC_BYTES >= 64 ? 12 : 6;
+
 template <typename T, int NV, bool kTransA>
 inline void gemm_rows(
     int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  constexpr int MR = 6;  // 6 x 2 vectors: 12 accumulators, the most that fit the 16 registers
+  constexpr int MR = kGemmRows;
   int64_t m = 0;
   for (; m + MR <= M; m += MR) {
     gemm_micro<T, MR, NV, kTransA>(K, A + (kTransA ? m : m * lda), lda, B, ldb, C + m * ldc, ldc, accumulate);
   }
-  const T* a_rest = A + (kTransA ? m : m * lda);
-  switch (M - m) {
-    case 5: gemm_micro<T, 5, NV, kTransA>(K, a_rest, lda, B, ldb, C + m * ldc, ldc, accumulate); break;
-    case 4: gemm_micro<T, 4, NV, kTransA>(K, a_rest, lda, B, ldb, C + m * ldc, ldc, accumulate); break;
-    case 3: gemm_micro<T, 3, NV, kTransA>(K, a_rest, lda, B, ldb, C + m * ldc, ldc, accumulate); break;
-    case 2: gemm_micro<T, 2, NV, kTransA>(K, a_rest, lda, B, ldb, C + m * ldc, ldc, accumulate); break;
-    case 1: gemm_micro<T, 1, NV, kTransA>(K, a_rest, lda, B, ldb, C + m * ldc, ldc, accumulate); break;
-    default: break;
-  }
+  gemm_tail<T, MR - 1, NV, kTransA>(static_cast<int>(M - m), K, A + (kTransA ? m : m * lda), lda, B, ldb,
+                                    C + m * ldc, ldc, accumulate);
 }
 
 // C (M x N, row stride ldc) = or += op(A) (M x K) * B (K x N, row stride ldb).

@@ -14,6 +14,7 @@ import threading
 class StopOnInterrupt:
     def __init__(self):
         self.requested = False
+        self._installed = False
         self._previous = None
 
     def _handle(self, signum, frame):
@@ -26,9 +27,13 @@ class StopOnInterrupt:
     def __enter__(self) -> "StopOnInterrupt":
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        # Restore exactly what was there: the default handler, SIG_IGN (a background job, nohup)
+        # or the caller's own. None means a handler Python did not set; SIG_DFL is the closest.
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
             self._previous = None

@@ -2,12 +2,14 @@
 
     python python/train.py --preset tiny --attention cem --attn-steps 2 --out runs/cem_t2
     python -m cem_lm.train --preset tiny --variant full_cem_t2 --out runs/full   (with python/ on PYTHONPATH)
+    torchrun --nproc-per-node 2 python/train.py --parallel ddp --attention cem --out runs/ddp
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import torch
 
 from .checkpoint import CHECKPOINT_NAME
 from .config import ATTENTIONS, DIAGS, MLPS, POSITIONS, PRECONDS, PRESETS, REUSES, STEPS, with_overrides
+from .distributed import PARALLEL_MODES
 from .errors import RunError
 from .trainer import train_run
 from .variants import VARIANTS_BY_NAME
@@ -39,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=sorted(VARIANTS_BY_NAME), help="a named variant of the experiment grid")
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, results.json, loss.png)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--parallel", choices=PARALLEL_MODES, default="none",
+                   help="under torchrun: ddp (replicas) or fsdp2 (sharded); one CUDA device per rank, or the "
+                        "CPU with gloo; --batch-size is the global batch (default: none, one process)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt with its own config")
     p.add_argument("--overwrite", action="store_true", help="start over in an OUT that already holds a run")
     p.add_argument("--stop-at", type=positive_int, help="stop after this step, leaving a checkpoint to --resume from")
@@ -115,9 +121,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     try:
         results = train_run(model_cfg, train_cfg, args.out, device=args.device, resume=args.resume,
-                            stop_at=args.stop_at, plot=not args.no_plot, show_progress=not args.quiet)
+                            stop_at=args.stop_at, plot=not args.no_plot, show_progress=not args.quiet,
+                            parallel=args.parallel)
     except RunError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 130 if results["interrupted"] else 0  # rank 0 reports for the run
     summary = {k: results[k] for k in ("finished", "step", "tokens_per_second", "params") if k in results}
     if results["finished"]:
         summary.update(test_bpb=results["test_bpb"], final_val_bpb=results["final_val_bpb"])
