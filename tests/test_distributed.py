@@ -83,6 +83,14 @@ def test_parallel_needs_torchrun(tmp_path):
     assert "--parallel ddp runs under torchrun" in result.stderr
 
 
+def test_an_unwritable_run_directory_stops_every_rank_with_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    result = train(tmp_path / "file" / "run", "--parallel", "fsdp2", ranks=2, check=False)
+    assert result.returncode != 0
+    assert result.stderr.count("cannot write to") == 2  # each rank says it, neither reaches training
+    assert "Connection closed" not in result.stderr and "all_gather" not in result.stderr
+
+
 def test_global_batch_must_divide_over_the_ranks(tmp_path):
     result = train(tmp_path / "run", "--parallel", "ddp", "--batch-size", "3", ranks=2, check=False)
     assert result.returncode != 0

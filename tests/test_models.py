@@ -206,6 +206,10 @@ def test_user_errors_are_run_errors(corpus, tmp_path):
                   show_progress=False, plot=False)
     with pytest.raises(RunError, match="not a device"):
         train_run(SMALL, QUICK, tmp_path / "dev", device="banana", corpus=corpus, show_progress=False, plot=False)
+    with pytest.raises(RunError, match="--test-tokens 5 is less than one window"):  # found before training
+        train_run(SMALL, replace(QUICK, test_tokens=5), tmp_path / "test", device="cpu", corpus=corpus,
+                  show_progress=False, plot=False)
+    assert not (tmp_path / "test" / "checkpoint.pt").exists()
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "checkpoint.pt").write_text("not a checkpoint")

@@ -12,7 +12,8 @@ import threading
 
 
 class StopOnInterrupt:
-    def __init__(self):
+    def __init__(self, announce: bool = True):
+        self.announce = announce  # one notice per run: only rank 0 of several processes says it
         self.requested = False
         self._installed = False
         self._previous = None
@@ -21,8 +22,9 @@ class StopOnInterrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\ninterrupt: stopping after this step with a checkpoint (Ctrl-C again to abort now)",
-              file=sys.stderr, flush=True)
+        if self.announce:
+            print("\ninterrupt: stopping after this step with a checkpoint (Ctrl-C again to abort now)",
+                  file=sys.stderr, flush=True)
 
     def __enter__(self) -> "StopOnInterrupt":
         if threading.current_thread() is threading.main_thread():

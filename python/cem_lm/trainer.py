@@ -67,11 +67,13 @@ def prepare_out_dir(out_dir: Path) -> None:
         raise RunError(f"cannot write to {out_dir}: {error.strerror or error}") from error
 
 
-def check_data_fits(corpus: Corpus, seq_len: int) -> None:
-    """Every split must hold at least one window of seq_len + 1 bytes."""
+def check_data_fits(corpus: Corpus, seq_len: int, test_tokens: int | None) -> None:
+    """Every split must hold at least one window of seq_len + 1 bytes, and the test a whole window."""
     for split, stream in corpus.tokens.items():
         if stream.numel() < seq_len + 2:
             raise RunError(f"seq_len {seq_len} is longer than the {split} split ({stream.numel():,} bytes)")
+    if test_tokens is not None and test_tokens < seq_len:
+        raise RunError(f"--test-tokens {test_tokens} is less than one window of seq_len {seq_len}")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -134,9 +136,16 @@ def _restore(model, optimizer, checkpoint: dict, world: World) -> None:
 
 def _train_run(model_cfg, train_cfg, out_dir: Path, dev: torch.device, world: World, *, resume, stop_at, corpus,
                label, show_progress, plot) -> dict:
+    # Rank 0 checks the run directory; every rank stops with its verdict.
+    problem = None
     if world.is_main:
-        prepare_out_dir(out_dir)
-    world.barrier()
+        try:
+            prepare_out_dir(out_dir)
+        except RunError as error:
+            problem = str(error)
+    problem = world.from_main(problem)
+    if problem:
+        raise RunError(problem)
     ckpt_path = out_dir / CHECKPOINT_NAME
     checkpoint = load_checkpoint(ckpt_path) if resume else None
     if checkpoint is not None:
@@ -147,7 +156,7 @@ def _train_run(model_cfg, train_cfg, out_dir: Path, dev: torch.device, world: Wo
     precision = resolve_precision(train_cfg.precision, dev)
     world.check_batch(train_cfg.batch_size)
     corpus = corpus if corpus is not None else load_corpus()
-    check_data_fits(corpus, model_cfg.seq_len)
+    check_data_fits(corpus, model_cfg.seq_len, train_cfg.test_tokens)
     if world.is_main:  # which run lives here, readable without the checkpoint (the grid runner checks it)
         (out_dir / RUN_CONFIG_NAME).write_text(
             json.dumps({"model_config": asdict(model_cfg), "train_config": asdict(train_cfg)}, indent=1)
@@ -182,7 +191,7 @@ def _train_run(model_cfg, train_cfg, out_dir: Path, dev: torch.device, world: Wo
     progress = Progress(train_cfg.steps, label, enabled=show_progress and world.is_main)
     model.train()
     interrupted = False
-    with StopOnInterrupt() as interrupt:
+    with StopOnInterrupt(announce=world.is_main) as interrupt:
         while step < last:
             lr = learning_rate(step, train_cfg.steps, train_cfg.lr, train_cfg.warmup_steps, train_cfg.min_lr_ratio)
             for group in optimizer.param_groups:
