@@ -29,8 +29,26 @@ __device__ __forceinline__ T* head_ptr_mut(const CemHeadTensor& t, int b, int h)
   return static_cast<T*>(t.ptr) + b * t.batch_stride + h * t.head_stride;
 }
 
-__device__ __forceinline__ const float* stat_ptr(const float* stats, const CemAttnParams& p, int b, int h) {
+// The (batch, head) row of a per-row statistic (p.lse or p.delta); F is float or const float.
+template <typename F>
+__device__ __forceinline__ F* stat_ptr(F* stats, const CemAttnParams& p, int b, int h) {
   return stats + b * p.stat_batch_stride + h * p.stat_head_stride;
+}
+
+// This thread's share of dO_i . o_i (Delta's first term) for row i of (b, h): elements first,
+// first + stride, ... of the head dim; 0 for a row past the launch. The row's threads sum them.
+template <typename T>
+__device__ __forceinline__ float partial_dout_dot_o(const CemAttnParams& p, int b, int h, int i, int first, int stride) {
+  if (i >= p.row_end) {
+    return 0.f;
+  }
+  const T* o = head_ptr<T>(p.o, b, h) + i * p.o.row_stride;
+  const T* dout = head_ptr<T>(p.dout, b, h) + i * p.dout.row_stride;
+  float v = 0.f;
+  for (int d = first; d < p.head_dim; d += stride) {
+    v += to_float(dout[d]) * to_float(o[d]);
+  }
+  return v;
 }
 
 template <typename T>

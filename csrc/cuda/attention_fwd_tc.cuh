@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_tc_kernel(const Ce
     row_sum[r] = 1.f / l;
   }
   T* o_bh = head_ptr_mut<T>(p.o, blk.b, blk.h);
-  float* lse_bh = p.lse + blk.b * p.stat_batch_stride + blk.h * p.stat_head_stride;
+  float* lse_bh = stat_ptr(p.lse, p, blk.b, blk.h);
 #pragma unroll
   for (int n = 0; n < kDB; ++n) {
 #pragma unroll

@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const CemAt
     }
   });
   float lse[16];
-  float* lse_bh = p.lse + t.b * p.stat_batch_stride + t.h * p.stat_head_stride;
+  float* lse_bh = stat_ptr(p.lse, p, t.b, t.h);
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int r = 0; r < 16; ++r) {
@@ -246,20 +246,10 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_delta_kernel(const
   float* sS = smem_at<float>(2 * Tr::kTileX);
   const QueryTile<Tr> t(p);
   const int lane = threadIdx.x & 31;
-  const float* o_bh = head_ptr<float>(p.o, t.b, t.h);
-  const float* do_bh = head_ptr<float>(p.dout, t.b, t.h);
-
   float acc[16];
 #pragma unroll
   for (int r = 0; r < 16; ++r) {
-    const int i = t.i0 + r;
-    float v = 0.f;
-    if (i < p.row_end) {
-      for (int d = lane; d < p.head_dim; d += 32) {
-        v += do_bh[i * p.dout.row_stride + d] * o_bh[i * p.o.row_stride + d];
-      }
-    }
-    acc[r] = v;
+    acc[r] = partial_dout_dot_o<float>(p, t.b, t.h, t.i0 + r, lane, 32);
   }
 
   const PanelTerm dp_bias(p.dp_bias, p, t.b, t.h);
@@ -275,7 +265,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_delta_kernel(const
     });
   }
 
-  float* delta_bh = p.delta + t.b * p.stat_batch_stride + t.h * p.stat_head_stride;
+  float* delta_bh = stat_ptr(p.delta, p, t.b, t.h);
 #pragma unroll
   for (int r = 0; r < 16; ++r) {
     const float total = warp_sum(acc[r]);

@@ -32,19 +32,10 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_delta_tc_kernel(const 
   const int t = threadIdx.x & 3;
 
   // dO . o: lanes t = 0..3 of a row group take every fourth element of rows g and g + 8.
-  const T* o_bh = head_ptr<T>(p.o, blk.b, blk.h);
-  const T* do_bh = head_ptr<T>(p.dout, blk.b, blk.h);
   float sums[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int qi = blk.row0 + tc::frag_row(2 * r);
-    float v = 0.f;
-    if (qi < p.row_end) {
-      for (int d = t; d < p.head_dim; d += 4) {
-        v += to_float(do_bh[qi * p.dout.row_stride + d]) * to_float(o_bh[qi * p.o.row_stride + d]);
-      }
-    }
-    sums[r] = v;
+    sums[r] = partial_dout_dot_o<T>(p, blk.b, blk.h, blk.row0 + tc::frag_row(2 * r), t, 4);
   }
 
   if (blk.dp_bias != nullptr) {  // uniform over the block
@@ -77,7 +68,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_delta_tc_kernel(const 
     ptx::cp_async_wait<0>();
   }
 
-  float* delta_bh = p.delta + blk.b * p.stat_batch_stride + blk.h * p.stat_head_stride;
+  float* delta_bh = stat_ptr(p.delta, p, blk.b, blk.h);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float total = tc::quad_sum(sums[r]);

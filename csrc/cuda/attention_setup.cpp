@@ -136,32 +136,18 @@ at::Tensor bmm_f32(const at::Tensor& a, const at::Tensor& b) {
   return at::bmm(a.to(at::kFloat), b.to(at::kFloat));
 }
 
-void bmm_f32_into(at::Tensor dst, const at::Tensor& a, const at::Tensor& b) {
+void baddbmm_f32(at::Tensor dst, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
   if (a.scalar_type() == at::kFloat) {
-    at::bmm_out(dst, a, b);
+    dst.baddbmm_(a, b, beta, alpha);
     return;
   }
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
   if (a.is_cuda()) {
-    at::bmm_out(dst, a, b, at::kFloat);
+    at::baddbmm_out(dst, dst, a, b, at::kFloat, beta, alpha);
     return;
   }
 #endif
-  at::bmm_out(dst, a.to(at::kFloat), b.to(at::kFloat));
-}
-
-void add_bmm_f32(at::Tensor dst, const at::Tensor& a, const at::Tensor& b, double alpha) {
-  if (a.scalar_type() == at::kFloat) {
-    dst.baddbmm_(a, b, 1.0, alpha);
-    return;
-  }
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-  if (a.is_cuda()) {
-    at::baddbmm_out(dst, dst, a, b, at::kFloat, 1.0, alpha);
-    return;
-  }
-#endif
-  dst.baddbmm_(a.to(at::kFloat), b.to(at::kFloat), 1.0, alpha);
+  dst.baddbmm_(a.to(at::kFloat), b.to(at::kFloat), beta, alpha);
 }
 
 void check_launch(const Setup& st, cudaError_t err, const char* what) {
@@ -279,7 +265,7 @@ CemAttnParams base_params(const Setup& st, const at::Tensor& q, const at::Tensor
 }
 
 PanelWorkspace::PanelWorkspace(const Setup& st, int count) : st_(st) {
-  const int64_t copies = st.head_panels() || st.per_head() ? st.s.heads : 1;
+  const int64_t copies = st.head_panels() ? st.s.heads : 1;  // a per-head diagonal's biases too
   const int64_t elements = st.s.batch * copies * st.panel_rows * st.s.seq;
   for (int i = 0; i < count; ++i) {
     buffers_.push_back(at::empty({elements}, st.x.options().dtype(at::kFloat)));

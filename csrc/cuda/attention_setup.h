@@ -57,10 +57,13 @@ void warn_fallback(const char* op, const std::string& why, at::ScalarType dtype)
 // Products with float32 output for input-dtype operands (cuBLAS accumulates in float32).
 at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b);
 at::Tensor bmm_f32(const at::Tensor& a, const at::Tensor& b);
-// The same, written into (dst = a b) or added to (dst += alpha a b) a float32 destination, which
-// may be a view: no temporary, no second pass.
-void bmm_f32_into(at::Tensor dst, const at::Tensor& a, const at::Tensor& b);
-void add_bmm_f32(at::Tensor dst, const at::Tensor& a, const at::Tensor& b, double alpha = 1.0);
+// The same into a float32 destination, which may be a view (no temporary, no second pass):
+// dst = beta dst + alpha a b; beta = 0 ignores what dst held.
+void baddbmm_f32(at::Tensor dst, const at::Tensor& a, const at::Tensor& b, double beta, double alpha);
+inline void bmm_f32_into(at::Tensor dst, const at::Tensor& a, const at::Tensor& b) { baddbmm_f32(dst, a, b, 0.0, 1.0); }
+inline void add_bmm_f32(at::Tensor dst, const at::Tensor& a, const at::Tensor& b, double alpha = 1.0) {
+  baddbmm_f32(dst, a, b, 1.0, alpha);
+}
 
 // Everything a step needs that does not change between steps.
 struct Setup {
