@@ -10,6 +10,7 @@ TORCH_LIBRARY(cem, m) {
   m.def(cem::schemas::kAttentionEnergy);
   m.def(cem::schemas::kMlp);
   m.def(cem::schemas::kMlpEnergy);
+  m.def(cem::schemas::kAttentionCached);
   m.def(cem::schemas::kAttentionFwd);
   m.def(cem::schemas::kAttentionBwd);
   m.def(cem::schemas::kMlpFwd);

@@ -1,6 +1,6 @@
 // The schema of every cem operator, written once. bindings.cpp defines them in the cem
-// namespace; the emulated CUDA backend (cuda/emulation/emulated_module.cpp) defines the two
-// kernel ops it implements under cem_emulated with the same signatures.
+// namespace; the emulated CUDA backend (cuda/emulation/emulated_module.cpp) defines the kernel
+// ops it implements under cem_emulated with the same signatures.
 #pragma once
 
 namespace cem::schemas {
@@ -17,6 +17,13 @@ inline constexpr const char* kMlp =
     "Tensor step_size, str activation=\"silu\") -> Tensor";
 inline constexpr const char* kMlpEnergy =
     "mlp_energy(Tensor x, Tensor context, Tensor w, Tensor v, str activation=\"silu\") -> Tensor";
+
+// The rows of a chunk of new positions against a cache of earlier ones (docs/decoding.md): the
+// chunk's Delta and its keys, to be appended to the cache. Inference only.
+inline constexpr const char* kAttentionCached =
+    "attention_cached(Tensor x, Tensor w_q, Tensor w_k, Tensor cache_keys, Tensor? cache_context, "
+    "Tensor cache_lengths, Tensor? diag, Tensor? alibi_slopes, Tensor? precond_diag, Tensor? precond_lowrank, "
+    "Tensor step_size, float? scale=None) -> (Tensor out, Tensor keys)";
 
 // Forward with the state the backward recomputes from (empty tensors when save_for_backward is
 // false), and the explicit backward. See docs/backward.md.

@@ -1,6 +1,7 @@
 """Runs cem::attention forward + backward once per kernel path on small shapes, for
 compute-sanitizer (memcheck, racecheck, synccheck): every dtype, both head-dim buckets with a
-ragged head dim, every diagonal mode (two panels each), ALiBi and the full preconditioner.
+ragged head dim, every diagonal mode (two panels each), ALiBi and the full preconditioner; then
+cem::attention_cached for a decoded token and a 9-row chunk against the rest of the sequence.
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python scripts/cuda_smoke.py
 
@@ -34,15 +35,30 @@ from cem_ops.testing import AttentionCase, cuda_emulation  # noqa: E402
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def decode_once(inputs, chunk: int) -> torch.Tensor:
+    """The last ``chunk`` positions against a cache of the others (lengths on the device)."""
+    x, w_k = inputs.x.detach(), inputs.w_k.detach()
+    cached = x.shape[1] - chunk
+    out, _ = cem_ops.attention_cached(
+        x[:, cached:], inputs.w_q.detach(), w_k, cache_keys=torch.einsum("bnd,hed->bnhe", x, w_k),
+        cache_context=x if inputs.diag is not None else None,
+        cache_lengths=torch.full((x.shape[0],), cached, device=x.device), diag=inputs.diag,
+        alibi_slopes=inputs.alibi_slopes, precond_diag=inputs.precond_diag, precond_lowrank=inputs.precond_lowrank,
+        step_size=inputs.step_size.detach(), scale=inputs.scale)
+    return out
+
+
 def run_once(dtype: torch.dtype, head_dim: int, diag: str, seq: int, device: str) -> None:
     case = AttentionCase(batch=1, seq=seq, dim=40, heads=2, head_dim=head_dim, steps=2, diag=diag, precond_rank=2,
                          dtype=dtype, device=device)
     inputs = case.make(torch.Generator().manual_seed(0), requires_grad=True)
     out = torch.ops.cem.attention(*inputs.args())
     grads = torch.autograd.grad(out, inputs.differentiable(), torch.randn_like(out))
+    with torch.no_grad():
+        decoded = [decode_once(inputs, chunk) for chunk in (1, 9)]
     if device == "cuda":
         torch.cuda.synchronize()
-    bad = [i for i, t in enumerate((out, *grads)) if not torch.isfinite(t).all()]
+    bad = [i for i, t in enumerate((out, *grads, *decoded)) if not torch.isfinite(t).all()]
     if bad:
         raise SystemExit(f"non-finite results {bad} for {dtype} Dh={head_dim} diag={diag} N={seq}")
     print(f"ok {str(dtype):15s} Dh={head_dim:3d} diag={diag:8s} N={seq}", flush=True)

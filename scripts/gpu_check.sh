@@ -9,11 +9,14 @@
 #   env       (20 s)  GPU identity, clocks and driver (nvidia-ml-py, nvidia-smi), torch, CUDA, git SHA
 #   build     (210 s) this GPU's architecture only (sm_90a on Hopper) unless TORCH_CUDA_ARCH_LIST is
 #                     set, all cores, ptxas register/spill report; no emulated backend (CI runs it)
-#   test      (120 s) the GPU half of tests/test_cuda_attention.py, the primitive-layout twin of the
-#                     emulated layout test, the machine-code check (tests/test_kernel_machine_code.py)
-#   sanitize  (75 s)  compute-sanitizer memcheck, racecheck and synccheck on small shapes
+#   test      (120 s) the GPU half of tests/test_cuda_attention.py and tests/test_attention_cached.py,
+#                     the primitive-layout twin of the emulated layout test, the machine-code check
+#                     (tests/test_kernel_machine_code.py)
+#   sanitize  (75 s)  compute-sanitizer memcheck, racecheck and synccheck on small shapes (training
+#                     and decoding kernels)
 #   bench     (105 s) matmul and copy ceilings and the quick slice of the speed grid (ours, Llama,
-#                     eager stock; BENCH_FULL=1 for the whole grid, BENCH_IMPLS to choose)
+#                     eager stock; BENCH_FULL=1 for the whole grid, BENCH_IMPLS to choose), then the
+#                     quick slice of the decode grid (CEM and Llama with caches)
 #   suite     (not in all) the rest of the test suite on this machine
 #
 # Everything lands in one folder: $OUT/gpu_check when OUT is set, else benchmarks/results/gpu_check/.
@@ -100,7 +103,7 @@ stage_test() {
   : > "$LOGDIR/test.log"
   # Up to 10 failures: one failing case should not hide the pattern of the others.
   run_logged test 120 "$PYTHON" -m pytest -q --maxfail=10 -ra -m cuda -p no:cacheprovider \
-    tests/test_emulator.py tests/test_kernel_machine_code.py tests/test_cuda_attention.py \
+    tests/test_emulator.py tests/test_kernel_machine_code.py tests/test_cuda_attention.py tests/test_attention_cached.py \
     --junitxml="$LOGDIR/test.xml"
 }
 
@@ -129,10 +132,16 @@ stage_bench() {
   local name="cuda-$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")"
   local json="$LOGDIR/$name.json"
   # The quick slice (target model at 2k and 8k) fits the budget without torch.compile's minutes.
-  run_logged bench 95 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/test_ceilings.py \
+  local rc=0
+  run_logged bench 75 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/test_ceilings.py \
     benchmarks/test_attention_speed.py --bench-device cuda $([ -n "${BENCH_FULL:-}" ] || echo --bench-quick) \
-    --bench-impls "${BENCH_IMPLS:-stock,llama,ours}" --benchmark-json "$json" || return 1
-  run_logged bench 10 "$PYTHON" benchmarks/report.py "$json"
+    --bench-impls "${BENCH_IMPLS:-stock,llama,ours}" --benchmark-json "$json" || rc=1
+  [ "$rc" = 0 ] && run_logged bench 10 "$PYTHON" benchmarks/report.py "$json"
+  local decode_json="$LOGDIR/$name-decode.json"
+  run_logged bench 20 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/test_decode_speed.py --bench-device cuda \
+    $([ -n "${BENCH_FULL:-}" ] || echo --bench-quick) --benchmark-json "$decode_json" || return 1
+  run_logged bench 5 "$PYTHON" benchmarks/decode_report.py "$decode_json" --out "${decode_json%.json}.md" || return 1
+  return $rc
 }
 
 status=0

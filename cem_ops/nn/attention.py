@@ -8,7 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops import attention_cached as _cached_op
 from .alibi import alibi_slopes
+from .cache import AttentionCache
 from .preconditioner import Preconditioner
 
 DIAG_MODES = ("none", "shared", "per_head")
@@ -66,7 +68,18 @@ class CEMAttention(nn.Module):
     def _cast(self, t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
         return None if t is None else t.to(dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def new_cache(self, batch_size: int, capacity: int) -> AttentionCache:
+        """Empty storage for ``capacity`` positions of ``batch_size`` rows, in the module's dtype and
+        on its device: keys (H Dh per token), and the context (D more) when there is a diagonal."""
+        return AttentionCache(batch_size, capacity, self.num_heads, self.head_dim, self.dim, self.diag is not None,
+                              dtype=self.w_q.dtype, device=self.w_q.device)
+
+    def forward(self, x: Tensor, cache: AttentionCache | None = None) -> Tensor:
+        """Delta for x (B, N, D). With a cache, x is the next chunk of each row: its rows attend to
+        the cached positions as well, the chunk is appended, and the result equals those rows of
+        the full-sequence forward (inference only: no backward through a cache)."""
+        if cache is not None:
+            return self._forward_cached(x, cache)
         dtype = x.dtype
         precond_diag, precond_lowrank = self.preconditioner(dtype)
         return ops.attention.attention(
@@ -80,6 +93,31 @@ class CEMAttention(nn.Module):
             step_size=self.step_size.to(dtype),
             scale=self.scale,
         )
+
+    def _forward_cached(self, x: Tensor, cache: AttentionCache) -> Tensor:
+        if not isinstance(cache, AttentionCache):
+            raise TypeError(f"cache must be an AttentionCache from new_cache(), got {type(cache).__name__}")
+        if (cache.keys.shape[2:] != (self.num_heads, self.head_dim)) or ((cache.context is None) != (self.diag is None)):
+            raise ValueError("the cache was not made by this module's new_cache() (its shapes differ)")
+        cache.check_chunk("CEMAttention", x, self.dim)
+        if x.shape[1] > 1 and int(cache.lengths.max()) == 0:
+            # A first prefill attends to itself alone: the whole-sequence op (tensor-core kernels on
+            # a GPU) computes exactly that, and the keys are one projection.
+            keys = torch.einsum("bnd,hed->bnhe", x, self.w_k.to(x.dtype))
+            delta = self.forward(x)
+            cache.append(keys, x if cache.context is not None else None)
+            return delta
+        dtype = x.dtype
+        precond_diag, precond_lowrank = self.preconditioner(dtype)
+        stored = cache.in_use(x.shape[1])
+        delta, keys = _cached_op.attention_cached(
+            x, self.w_q.to(dtype), self.w_k.to(dtype), cache_keys=stored["keys"], cache_context=stored["context"],
+            cache_lengths=cache.device_lengths(), diag=self._cast(self.diag, dtype),
+            alibi_slopes=self._cast(self.alibi_slopes, dtype), precond_diag=precond_diag,
+            precond_lowrank=precond_lowrank, step_size=self.step_size.to(dtype), scale=self.scale,
+        )
+        cache.append(keys, x if cache.context is not None else None)
+        return delta
 
     def energy(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """E_i(x | context) per token, (B, N); context defaults to x (the layer input)."""

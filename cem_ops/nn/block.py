@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .attention import CEMAttention
+from .cache import AttentionCache
 from .mlp import CEMMLP
 
 
@@ -34,6 +35,11 @@ class CEMBlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(dim, eps=norm_eps, **factory)
         self.mlp = CEMMLP(dim, hidden if hidden is not None else 4 * dim, **(mlp_kwargs or {}), **factory)
 
-    def forward(self, r: Tensor) -> Tensor:
-        r = r + self.attention(self.attention_norm(r))
+    def new_cache(self, batch_size: int, capacity: int) -> AttentionCache:
+        """The attention's cache (the MLP works position by position and keeps nothing)."""
+        return self.attention.new_cache(batch_size, capacity)
+
+    def forward(self, r: Tensor, cache: AttentionCache | None = None) -> Tensor:
+        """With a cache, r is the next chunk of each row (see CEMAttention.forward)."""
+        r = r + self.attention(self.attention_norm(r), cache=cache)
         return r + self.mlp(self.mlp_norm(r))

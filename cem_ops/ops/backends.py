@@ -9,7 +9,7 @@ import torch
 from torch.autograd import forward_ad
 
 # Ops that need a backend implementation; the public ops are composites over these.
-KERNEL_OPS = ("attention_fwd", "attention_bwd", "mlp_fwd", "mlp_bwd")
+KERNEL_OPS = ("attention_fwd", "attention_bwd", "attention_cached", "mlp_fwd", "mlp_bwd")
 DEVICES = ("CPU", "CUDA")
 
 _fallback_lib = torch.library.Library("cem", "FRAGMENT")

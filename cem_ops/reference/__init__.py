@@ -9,6 +9,7 @@ from .attention import (
     attention_neg_grad,
     attention_step_at,
 )
+from .attention_cached import attention_cached
 from .attention_backward import AttentionGrads, attention_backward
 from .mlp import ACTIVATIONS, MLPForward, mlp, mlp_energy, mlp_forward, mlp_neg_grad
 from .mlp_backward import MLPGrads, mlp_backward
@@ -22,6 +23,7 @@ __all__ = [
     "MLPGrads",
     "attention",
     "attention_backward",
+    "attention_cached",
     "attention_energy",
     "attention_forward",
     "attention_neg_grad",

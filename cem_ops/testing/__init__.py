@@ -12,6 +12,7 @@ from .tolerances import (
     TOLERANCES,
     error_bound,
     low_precision_agrees,
+    output_rounding_sensitivity,
     relative_error,
     rounding_sensitivity,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "error_bound",
     "llama_attention_flops",
     "low_precision_agrees",
+    "output_rounding_sensitivity",
     "output_and_gradients",
     "relative_error",
     "rounding_sensitivity",

@@ -1,13 +1,17 @@
 """The one correctness policy every backend is held to: an op's output and gradients against the
 float64 reference on the same (rounded) inputs.
 
-  output: within TOLERANCES[dtype] of float64 (1e-4 float32, 1e-2 bfloat16/float16);
+  output: within TOLERANCES[dtype] of float64 (1e-4 float32, 1e-2 bfloat16/float16); a
+          bfloat16/float16 output beyond that is held to the gradients' rule below;
   gradients: within error_bound of the larger of the same-precision reference's own error and
            the conditioning (rounding_sensitivity: what input noise of the dtype's rounding size
            does to the float64 gradients); bfloat16/float16 gradients also pass when within 1e-2
            of the reference forward + explicit backward run at their precision.
 
-The conditioning term matters for cancelling sums such as the step-size gradient, one scalar per
+The output needs the low-precision rule on ill-conditioned cases: at D = 4096 with a shared
+diagonal and T = 2, bfloat16-size noise on the inputs moves the float64 output by 4-9%, and the
+CUDA kernels' bfloat16 operands of the D-wide products (lambda * x and Pbar) alone put a valid
+result at 1.0-1.2e-2. The conditioning term matters for cancelling sums such as the step-size gradient, one scalar per
 step: there any implementation's rounding points (the CUDA kernels round P and dS to the input
 dtype for the tensor cores, the reference keeps them in float32) can put valid results several
 times the reference's own error apart. It is measured only for gradients that need it.
@@ -20,7 +24,14 @@ from typing import Callable
 import torch
 
 from .. import reference
-from .tolerances import TOLERANCES, error_bound, low_precision_agrees, relative_error, rounding_sensitivity
+from .tolerances import (
+    TOLERANCES,
+    error_bound,
+    low_precision_agrees,
+    output_rounding_sensitivity,
+    relative_error,
+    rounding_sensitivity,
+)
 
 F64 = torch.float64
 
@@ -65,7 +76,16 @@ def assert_matches_reference(kind: str, op: Callable, inputs, generator: torch.G
     want, expected = output_and_gradients(reference_fn, inputs, F64, grad_out)
     assert out.dtype == dtype and out.shape == inputs.x.shape, f"{prefix}output {out.dtype} {tuple(out.shape)}"
     err = record_error(f"{kind} forward {dtype}", relative_error(out, want))
-    assert err < TOLERANCES[dtype], f"{prefix}output: error {err:.2e}, bound {TOLERANCES[dtype]:.0e}"
+    if dtype in (F64, torch.float32) or err < TOLERANCES[dtype]:
+        assert err < TOLERANCES[dtype], f"{prefix}output: error {err:.2e}, bound {TOLERANCES[dtype]:.0e}"
+    else:
+        with torch.no_grad():
+            same_out = reference_fn(*inputs.to(dtype).args())
+        noise = output_rounding_sensitivity(reference_fn, inputs, want, generator, dtype)
+        bound = error_bound(dtype, max(relative_error(same_out, want), noise))
+        assert low_precision_agrees(out, want, same_out, dtype, noise), (
+            f"{prefix}output: error {err:.2e} against float64, bound {bound:.2e} "
+            f"(and {relative_error(out, same_out):.2e} against the {dtype} reference)")
 
     same_precision = expected
     if dtype == torch.float32:

@@ -29,6 +29,18 @@ def error_bound(dtype: torch.dtype, reference_error: float = 0.0) -> float:
     return max(TOLERANCES[dtype], REFERENCE_ERROR_FACTOR * reference_error)
 
 
+def _noisy_copy(inputs, generator: torch.Generator, dtype: torch.dtype):
+    """A float64 copy of ``inputs`` whose differentiable tensors carry relative noise of
+    ``dtype``'s rounding size."""
+    eps = torch.finfo(dtype).eps
+    noisy = inputs.to(torch.float64)
+    with torch.no_grad():
+        for t in noisy.differentiable():
+            noise = torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device)
+            t.mul_(1 + eps * noise)
+    return noisy
+
+
 def rounding_sensitivity(fn, inputs, grad_out: Tensor, expected, generator: torch.Generator,
                          dtype: torch.dtype = torch.float32, samples: int = 2) -> list[float]:
     """How far noise of ``dtype``'s rounding size on the inputs moves fn's float64 gradients
@@ -38,18 +50,21 @@ def rounding_sensitivity(fn, inputs, grad_out: Tensor, expected, generator: torc
     from float64 than another; this measures the spread without depending on either's luck.
 
     ``inputs`` is an AttentionInputs/MLPInputs in float64; ``expected`` its float64 gradients."""
-    eps = torch.finfo(dtype).eps
     worst = [0.0] * len(expected)
     for _ in range(samples):
-        noisy = inputs.to(torch.float64)
+        noisy = _noisy_copy(inputs, generator, dtype)
         leaves = noisy.differentiable()
-        with torch.no_grad():
-            for t in leaves:
-                noise = torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device)
-                t.mul_(1 + eps * noise)
         grads = torch.autograd.grad(fn(*noisy.requires_grad_().args()), leaves, grad_out)
         worst = [max(w, relative_error(g, e)) for w, g, e in zip(worst, grads, expected)]
     return worst
+
+
+def output_rounding_sensitivity(fn, inputs, expected: Tensor, generator: torch.Generator,
+                                dtype: torch.dtype, samples: int = 2) -> float:
+    """rounding_sensitivity for fn's output: the largest relative change of the float64 output
+    ``expected`` under input noise of ``dtype``'s rounding size."""
+    with torch.no_grad():
+        return max(relative_error(fn(*_noisy_copy(inputs, generator, dtype).args()), expected) for _ in range(samples))
 
 
 def low_precision_agrees(got: Tensor, exact: Tensor, same_precision: Tensor, dtype: torch.dtype,

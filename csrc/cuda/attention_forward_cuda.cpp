@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cuda/attention_setup.h"
+#include "cuda/step_epilogue.h"
 #include "ops/autocast_off.h"
 #include "ops/saved_state.h"
 
@@ -78,16 +79,7 @@ FwdResult attention_fwd_cuda(
   const auto f32 = st.x.options().dtype(at::kFloat);
   const int64_t rows = s.batch * s.seq, hd = s.heads * s.head_dim;
 
-  const auto step_sizes = step_size.contiguous();
-  const auto p_diag = precond_diag.has_value() ? precond_diag->contiguous() : at::Tensor();
-  at::Tensor u, u_t;
-  if (precond_lowrank.has_value()) {
-    u = precond_lowrank->to(at::kFloat).contiguous();  // (D, R)
-    u_t = u.t().contiguous();                          // (R, D): coalesced reads in the epilogue
-  }
-  const bool shared_diag = st.has_diag() && !st.per_head();
-  // U^T G = U^T (W_Q^T o) + (lambda * U)^T vbar: the diagonal's lambda stays out of vbar.
-  const auto u_vbar = u.defined() && st.has_diag() ? (shared_diag ? u * st.lam.unsqueeze(1) : u) : at::Tensor();
+  const StepEpilogue epilogue(precond_diag, precond_lowrank, step_size, st.lam, st.per_head());
   auto delta = at::zeros({s.batch, s.seq, s.dim}, f32);
   auto vbar = st.has_diag() ? at::empty({s.batch, s.seq, s.dim}, f32) : at::Tensor();
   const PanelWorkspace panels(st, st.has_diag() ? 2 : 0);
@@ -103,37 +95,14 @@ FwdResult attention_fwd_cuda(
     forward_core(st, panels, x_t, q, o, lse, vbar);
 
     const auto g = mm_f32(o.view({rows, hd}), st.wq);  // sum_k W_Qk^T o^k, (B N, D) float32
-    at::Tensor z;  // U^T G, (B N, R)
-    if (u.defined()) {
-      z = at::mm(g, u);
-      if (st.has_diag()) z.addmm_(vbar.view({rows, s.dim}), u_vbar);
-    }
-
     const bool last = t + 1 == s.steps;
     at::Tensor x_next;
     if (!last) {
       x_next = save_for_backward ? state.iterates.select(0, t) : at::empty_like(st.x);
     }
-    CemEpilogueParams ep;
-    ep.g = g.data_ptr<float>();
-    if (st.has_diag()) {
-      ep.vbar = vbar.data_ptr<float>();
-      ep.lam = shared_diag ? st.lam.data_ptr<float>() : nullptr;
-      ep.diag_out = save_for_backward ? state.diag_values.select(0, t).data_ptr() : nullptr;
-    }
-    ep.z = z.defined() ? z.data_ptr<float>() : nullptr;
-    ep.u_t = u_t.defined() ? u_t.data_ptr<float>() : nullptr;
-    ep.p_diag = p_diag.defined() ? p_diag.data_ptr() : nullptr;
-    ep.step_size = step_sizes.data_ptr();
-    ep.step = static_cast<int>(t);
-    ep.delta = delta.data_ptr<float>();
-    ep.x0 = st.x.data_ptr();
-    ep.x_next = last ? nullptr : x_next.data_ptr();
-    ep.out = last ? state.out.data_ptr() : nullptr;
-    ep.rows = rows;
-    ep.dim = s.dim;
-    ep.rank = s.rank;
-    check_launch(st, launch_attention_epilogue(*kernel_dtype(st.dtype), ep, st.stream), "attention_epilogue");
+    void* diag_out = st.has_diag() && save_for_backward ? state.diag_values.select(0, t).data_ptr() : nullptr;
+    epilogue.apply(*kernel_dtype(st.dtype), st.stream, t, s.steps, g, st.has_diag() ? vbar.view({rows, s.dim}) : vbar,
+                   diag_out, delta, st.x, last ? nullptr : x_next.data_ptr(), state.out.data_ptr());
     if (!last) {
       x_t = x_next;
     }

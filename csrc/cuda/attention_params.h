@@ -74,3 +74,37 @@ struct CemEpilogueParams {
 };
 
 }  // namespace cem::cuda
+
+// One step of cem::attention_cached's attention core (attention_decode.cu): the chunk's rows
+// against their context, split over key partitions (flash-decoding). Row r of batch row b sits at
+// position n_b + r and attends keys [0, n_b + r]: cached ones below n_b, the chunk's from there.
+// Tensors are contiguous but for the cache's batch stride; T is the input dtype.
+struct CemDecodeParams {
+  const void* q = nullptr;              // (B, C, H, Dh) T: W_Q x^t
+  const void* x = nullptr;              // (B, C, D) T: x^t, for the diagonal's score term
+  const void* chunk_keys = nullptr;     // (B, C, H, Dh) T
+  const void* chunk_context = nullptr;  // (B, C, D) T: x^0 of the chunk, with a diagonal
+  const void* cache_keys = nullptr;     // (B, capacity, H, Dh) T, rows keys_batch_stride apart
+  const void* cache_context = nullptr;  // (B, capacity, D) T, with a diagonal, rows context_batch_stride apart
+  int64_t keys_batch_stride = 0, context_batch_stride = 0;
+  const int64_t* lengths = nullptr;     // (B,) n_b, on the device
+  const float* lam = nullptr;           // (D,) or (H, D) float32, or null without a diagonal
+  bool per_head = false;
+  const void* alibi_slopes = nullptr;   // (H,) T, or null
+  float scale = 1.f;
+  int batch = 0, chunk = 0, capacity = 0, heads = 0, head_dim = 0, dim = 0;
+  int block_rows = 1;       // chunk rows per block (the smem layout depends on it)
+  int partitions = 1;       // key partitions per (b, h); partition p covers [p * partition_keys, ...)
+  int partition_keys = 0;   // a multiple of the key tile
+  // Per (b, r, h, partition), float32: running max and sum of exp, and the unnormalized P K (Dh)
+  // and, with a diagonal, P C (D). Partitions past a row's keys leave max = -inf and sum = 0.
+  float* part_max = nullptr;
+  float* part_sum = nullptr;
+  float* part_o = nullptr;
+  float* part_vbar = nullptr;
+  // Outputs of the combine step: o (B, C, H, Dh) in T, and with a diagonal vbar (B, C, D) float32:
+  // sum_h Pbar c for a shared diagonal (the epilogue applies lambda), sum_h lambda_h P^h c per head.
+  // Rows whose n_b is out of range (n_b < 0 or n_b + C > capacity) are NaN.
+  void* o = nullptr;
+  float* vbar = nullptr;
+};

@@ -150,14 +150,16 @@ void baddbmm_f32(at::Tensor dst, const at::Tensor& a, const at::Tensor& b, doubl
   dst.baddbmm_(a.to(at::kFloat), b.to(at::kFloat), beta, alpha);
 }
 
-void check_launch(const Setup& st, cudaError_t err, const char* what) {
+void check_launch(const Setup& st, cudaError_t err, const char* what) { check_launch(st.stream, err, what); }
+
+void check_launch(cudaStream_t stream, cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "cem attention CUDA kernel '", what, "' failed: ", launch_error_text(err));
   static const bool sync = [] {
     const char* env = std::getenv("CEM_OPS_CUDA_SYNC");
     return env != nullptr && std::string(env) == "1";
   }();
   if (sync) {
-    err = synchronize_and_check(st.stream);
+    err = synchronize_and_check(stream);
     TORCH_CHECK(err == cudaSuccess, "cem attention CUDA kernel '", what, "' faulted while running (CEM_OPS_CUDA_SYNC=1 "
                 "checks after every launch): ", launch_error_text(err));
   }

@@ -92,6 +92,7 @@ struct Setup {
 // A launch error, and with CEM_OPS_CUDA_SYNC=1 also an asynchronous fault of the kernel, which is
 // then reported by the kernel that made it rather than by a later call.
 void check_launch(const Setup& st, cudaError_t err, const char* what);
+void check_launch(cudaStream_t stream, cudaError_t err, const char* what);
 
 void check_launch_limits(const char* op, const AttentionSizes& s);
 void check_device_smem(const char* op, const AttentionKernelSet& set);

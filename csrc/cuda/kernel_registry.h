@@ -45,4 +45,10 @@ std::string describe_attention_kernels();
 // The per-row update after each forward step (one TU for all dtypes).
 cudaError_t launch_attention_epilogue(CemDType dtype, const CemEpilogueParams& params, cudaStream_t stream);
 
+// One step of cem::attention_cached's core: the split-K partial kernel, then the combine
+// (attention_decode.cu, one TU for all dtypes). The partial kernel's dynamic shared memory depends
+// on block_rows, head_dim, dim and whether there is a diagonal.
+cudaError_t launch_attention_decode(CemDType dtype, const CemDecodeParams& params, cudaStream_t stream);
+int attention_decode_smem_bytes(const CemDecodeParams& params);
+
 }  // namespace cem::cuda

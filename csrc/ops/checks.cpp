@@ -161,6 +161,56 @@ AttentionSizes check_attention_args(
   return sizes;
 }
 
+CachedAttentionSizes check_attention_cached_args(
+    const char* op, const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_k,
+    const at::Tensor& cache_keys, const std::optional<at::Tensor>& cache_context, const at::Tensor& cache_lengths,
+    const std::optional<at::Tensor>& diag, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& precond_diag, const std::optional<at::Tensor>& precond_lowrank,
+    const at::Tensor& step_size, std::optional<double> scale) {
+  CachedAttentionSizes s{};
+  static_cast<AttentionSizes&>(s) =
+      check_attention_args(op, x, w_q, w_k, diag, alibi_slopes, precond_diag, precond_lowrank, step_size, scale);
+  check_like_x(op, "cache_keys", cache_keys, x);
+  TORCH_CHECK_VALUE(
+      cache_keys.dim() == 4 && cache_keys.size(0) == s.batch && cache_keys.size(2) == s.heads &&
+          cache_keys.size(3) == s.head_dim,
+      op, ": cache_keys must have shape (B, capacity, H, Dh) = (", s.batch, ", capacity, ", s.heads, ", ", s.head_dim,
+      "), got ", shape_of(cache_keys));
+  s.capacity = cache_keys.size(1);
+  if (s.diag_mode == DiagMode::kNone) {
+    TORCH_CHECK_VALUE(!cache_context.has_value(), op,
+                      ": cache_context must be None without a diagonal (the scores read only the keys)");
+  } else {
+    TORCH_CHECK_VALUE(cache_context.has_value(), op,
+                      ": cache_context (B, capacity, D) is needed with a diagonal (its scores read the context)");
+    check_like_x(op, "cache_context", *cache_context, x);
+    TORCH_CHECK_VALUE(
+        cache_context->dim() == 3 && cache_context->size(0) == s.batch && cache_context->size(1) == s.capacity &&
+            cache_context->size(2) == s.dim,
+        op, ": cache_context must have shape (B, capacity, D) = (", s.batch, ", ", s.capacity, ", ", s.dim,
+        ") like cache_keys, got ", shape_of(*cache_context));
+  }
+  TORCH_CHECK_TYPE(cache_lengths.scalar_type() == at::kLong, op, ": cache_lengths must be int64, got ",
+                   cache_lengths.scalar_type());
+  TORCH_CHECK_VALUE(cache_lengths.dim() == 1 && cache_lengths.size(0) == s.batch, op,
+                    ": cache_lengths must have shape (B,) = (", s.batch, ",), got ", shape_of(cache_lengths));
+  TORCH_CHECK_VALUE(cache_lengths.device() == x.device() || cache_lengths.device().is_cpu(), op,
+                    ": cache_lengths must be on the device of x (", x.device(), ") or on the CPU, got ",
+                    cache_lengths.device());
+  TORCH_CHECK_VALUE(s.seq <= s.capacity, op, ": the chunk of ", s.seq, " positions does not fit a cache of capacity ",
+                    s.capacity);
+  if (cache_lengths.device().is_cpu() && !has_symbolic_sizes(x)) {
+    const auto lengths = cache_lengths.contiguous();
+    const int64_t* n = lengths.data_ptr<int64_t>();
+    for (int64_t b = 0; b < s.batch; ++b) {
+      TORCH_CHECK_VALUE(n[b] >= 0 && n[b] + s.seq <= s.capacity, op, ": cache_lengths[", b, "] = ", n[b],
+                        " is out of range: a chunk of ", s.seq, " positions needs 0 <= length <= capacity - ", s.seq,
+                        " = ", s.capacity - s.seq);
+    }
+  }
+  return s;
+}
+
 void check_attention_energy_args(
     const char* op, const at::Tensor& x, const at::Tensor& context, const at::Tensor& w_q,
     const at::Tensor& w_k, const std::optional<at::Tensor>& diag,

@@ -16,6 +16,11 @@ struct AttentionSizes {
   DiagMode diag_mode;
 };
 
+// cem::attention_cached: the chunk's sizes (seq is the chunk length C) and the cache capacity.
+struct CachedAttentionSizes : AttentionSizes {
+  int64_t capacity;
+};
+
 struct MlpSizes {
   int64_t batch, seq, dim, hidden, rank, steps;
 };
@@ -24,6 +29,16 @@ enum class Activation { kSilu, kGelu, kRelu };
 
 AttentionSizes check_attention_args(
     const char* op, const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_k,
+    const std::optional<at::Tensor>& diag, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& precond_diag, const std::optional<at::Tensor>& precond_lowrank,
+    const at::Tensor& step_size, std::optional<double> scale);
+
+// Shapes, dtypes and devices, and the cache lengths' values when they are on the CPU: every row
+// needs 0 <= length and length + C <= capacity. Lengths on a GPU are checked by the kernels
+// (reading them here would cost a host sync per call); see docs/decoding.md.
+CachedAttentionSizes check_attention_cached_args(
+    const char* op, const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_k,
+    const at::Tensor& cache_keys, const std::optional<at::Tensor>& cache_context, const at::Tensor& cache_lengths,
     const std::optional<at::Tensor>& diag, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& precond_diag, const std::optional<at::Tensor>& precond_lowrank,
     const at::Tensor& step_size, std::optional<double> scale);

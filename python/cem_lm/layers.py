@@ -41,10 +41,15 @@ class PreNormResidual(nn.Module):
         self.layer = layer
         self.times = times
 
-    def forward(self, r: Tensor) -> Tensor:
-        for _ in range(self.times):
-            r = r + self.layer(self.norm(r)).to(r.dtype)
+    def forward(self, r: Tensor, caches: list | None = None) -> Tensor:
+        """``caches``: one per pass (each pass sees its own context), for an attention layer."""
+        for i in range(self.times):
+            out = self.layer(self.norm(r)) if caches is None else self.layer(self.norm(r), cache=caches[i])
+            r = r + out.to(r.dtype)
         return r
+
+    def new_caches(self, batch_size: int, capacity: int) -> list:
+        return [self.layer.new_cache(batch_size, capacity) for _ in range(self.times)]
 
 
 class Block(nn.Module):
@@ -57,7 +62,11 @@ class Block(nn.Module):
         self.mlp = PreNormResidual(cfg.dim, make_mlp(cfg), cfg.norm_eps, times["mlp"])
         self.times = times["block"]
 
-    def forward(self, r: Tensor) -> Tensor:
-        for _ in range(self.times):
-            r = self.mlp(self.attention(r))
+    def forward(self, r: Tensor, caches: list | None = None) -> Tensor:
+        """``caches`` from new_caches(): the attention's, one list per pass of the block."""
+        for i in range(self.times):
+            r = self.mlp(self.attention(r, None if caches is None else caches[i]))
         return r
+
+    def new_caches(self, batch_size: int, capacity: int) -> list:
+        return [self.attention.new_caches(batch_size, capacity) for _ in range(self.times)]

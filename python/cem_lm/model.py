@@ -25,12 +25,18 @@ class LanguageModel(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """(B, N) int64 byte values -> (B, N, 256) next-byte logits."""
+    def forward(self, tokens: Tensor, cache: list | None = None) -> Tensor:
+        """(B, N) int64 byte values -> (B, N, 256) next-byte logits. With a cache from
+        new_cache(), tokens are the next chunk of each row and the logits equal those positions'
+        logits over the whole sequence (inference only)."""
         r = self.embed(tokens)
-        for block in self.blocks:
-            r = block(r)
+        for i, block in enumerate(self.blocks):
+            r = block(r, None if cache is None else cache[i])
         return self.head(self.norm(r))
+
+    def new_cache(self, batch_size: int, capacity: int) -> list:
+        """Every attention layer's cache of ``capacity`` positions (one per pass under reuse)."""
+        return [block.new_caches(batch_size, capacity) for block in self.blocks]
 
 
 def parameter_counts(model: LanguageModel) -> dict[str, int]:

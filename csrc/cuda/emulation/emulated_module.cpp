@@ -27,6 +27,7 @@
 TORCH_LIBRARY(cem_emulated, m) {
   m.def(cem::schemas::kAttentionFwd);
   m.def(cem::schemas::kAttentionBwd);
+  m.def(cem::schemas::kAttentionCached);
 }
 
 namespace {
