@@ -221,12 +221,27 @@ def sync_sites(backend, monkeypatch, kind: str) -> dict[tuple[str, int], set[str
             with cuda_emulation():
                 forward_backward(inputs, torch.randn(inputs.x.shape, generator=generator).to(dtype))
     monkeypatch.delenv("CEM_OPS_DETERMINISTIC")
+    for dtype, diag in itertools.product((torch.bfloat16, torch.float32), ("none", "shared", "per_head")):
+        decode(dtype, diag, generator)
     sites: dict[tuple[str, int], set[str]] = {}
     for kernel, site_kind, file, line in backend.sync_sites():
         source = kernel_source(file)
         if site_kind == kind and source is not None:
             sites.setdefault((source, line), set()).add(kernel)
     return sites
+
+
+def decode(dtype: torch.dtype, diag: str, generator: torch.Generator):
+    """cem::attention_cached in emulation: 9 chunk rows (two row blocks) against contexts of up
+    to 300 keys over 4 x 8 (batch, head) pairs, so that partitions hold several key tiles."""
+    inputs = AttentionCase(batch=4, seq=310, dim=24, heads=8, head_dim=8, diag=diag, dtype=dtype).make(generator)
+    lengths = [301, 77, 0, 150]
+    x = torch.stack([inputs.x[b, n:n + 9] for b, n in enumerate(lengths)])
+    with cuda_emulation():
+        return cem_ops.attention_cached(
+            x, inputs.w_q, inputs.w_k, cache_keys=torch.einsum("bnd,hed->bnhe", inputs.x, inputs.w_k),
+            cache_context=inputs.x if inputs.diag is not None else None, cache_lengths=torch.tensor(lengths),
+            diag=inputs.diag, alibi_slopes=inputs.alibi_slopes, step_size=inputs.step_size)
 
 
 def planted_failure(backend, fault: str, site: tuple[str, int], kernels: set[str], rng) -> str:
@@ -237,6 +252,10 @@ def planted_failure(backend, fault: str, site: tuple[str, int], kernels: set[str
     inputs = case(seq=130, dtype=dtype).make(rng)
     backend.set_fault(fault, file, line)
     try:
+        if any("decode" in k for k in kernels):
+            with pytest.raises(RuntimeError) as error:
+                decode(dtype, "shared", rng)
+            return str(error.value)
         with cuda_emulation(), pytest.raises(RuntimeError) as error:
             forward_backward(inputs, torch.randn(inputs.x.shape, generator=rng).to(dtype))
             if any("dq_tc" in k for k in kernels):  # the deterministic dQ kernel

@@ -18,14 +18,14 @@ needs_source_checkout = pytest.mark.skipif(
 def test_build_info_describes_the_binary():
     info = cem_ops.build_info()
     assert info["torch_version"] == torch.__version__
-    assert set(info["kernels"]) == {"attention_fwd", "attention_bwd", "mlp_fwd", "mlp_bwd"}
+    assert set(info["kernels"]) == {"attention_fwd", "attention_bwd", "attention_cached", "mlp_fwd", "mlp_bwd"}
     for backends in info["kernels"].values():
         assert set(backends.values()) <= {"compiled", "reference"}
 
 
 def test_every_op_is_registered():
-    for name in ("attention", "attention_energy", "mlp", "mlp_energy", "attention_fwd", "attention_bwd",
-                 "mlp_fwd", "mlp_bwd"):
+    for name in ("attention", "attention_energy", "attention_cached", "mlp", "mlp_energy", "attention_fwd",
+                 "attention_bwd", "mlp_fwd", "mlp_bwd"):
         assert hasattr(torch.ops.cem, name)
 
 

@@ -18,6 +18,7 @@ namespace {
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
 constexpr int kKeyTile = 32;  // keys per shared-memory tile, one per lane in the softmax update
+static_assert(kKeyTile == 32 && kDecodeThreads % 32 == 0, "score (r, jj) is written and read by one thread");
 
 // The shared-memory carve of the partial kernel, in floats, for block_rows rows.
 struct DecodeSmem {
@@ -103,7 +104,8 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_partial_kerne
     max_s[r] = -INFINITY;
     sum_s[r] = 0.f;
   }
-  __syncthreads();
+  // No barrier yet: the first key tile's barrier orders these writes before any other thread's
+  // read, and without keys every thread writes out only what it set itself.
 
   for (int k0 = key_begin; k0 < key_end; k0 += kKeyTile) {
     const int keys = min(kKeyTile, key_end - k0);
@@ -127,8 +129,9 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_partial_kerne
       }
       probs_s[i] = s;
     }
-    __syncthreads();
-    // Online softmax, one warp per row: lane jj owns key k0 + jj of the tile.
+    // Online softmax, one warp per row: lane jj owns key k0 + jj of the tile. The thread that
+    // wrote score (r, jj) above is the one that reads it here (warp r mod 4, lane jj), so no
+    // barrier is needed in between.
     for (int r = warp; r < rows; r += kDecodeWarps) {
       const float s = probs_s[r * kKeyTile + lane];
       const float previous = max_s[r];
@@ -139,7 +142,7 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_partial_kerne
       const float prob = next == -INFINITY ? 0.f : __expf(s - next);
       const float tile_sum = warp_sum(prob);
       probs_s[r * kKeyTile + lane] = prob;
-      __syncwarp();
+      __syncwarp();  // every lane has read max_s[r] and sum_s[r] before lane 0 rewrites them
       if (lane == 0) {
         max_s[r] = next;
         sum_s[r] = sum_s[r] * alpha + tile_sum;
