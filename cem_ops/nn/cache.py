@@ -26,8 +26,13 @@ class _PositionCache:
         self._device_lengths = self.lengths.to(device) if device.type != "cpu" else self.lengths
 
     @property
+    def keys(self) -> Tensor:
+        """(B, capacity, H, Dh): every kind of cache keeps keys."""
+        return self._storage["keys"]
+
+    @property
     def _device(self) -> torch.device:
-        return next(t for t in self._storage.values() if t is not None).device
+        return self.keys.device
 
     def device_lengths(self) -> Tensor:
         """The lengths on the storage's device."""
@@ -44,7 +49,7 @@ class _PositionCache:
 
     @property
     def capacity(self) -> int:
-        return next(t for t in self._storage.values() if t is not None).shape[1]
+        return self.keys.shape[1]
 
     @property
     def bytes_per_token(self) -> int:
@@ -60,10 +65,9 @@ class _PositionCache:
         """That the chunk x (B, C, D) fits: its width, dtype, device, batch size and length."""
         if x.dim() != 3 or x.shape[2] != dim:
             raise ValueError(f"{who}: x must have shape (B, C, D) with D = {dim}, got {tuple(x.shape)}")
-        storage = next(t for t in self._storage.values() if t is not None)
-        if x.dtype != storage.dtype or x.device != storage.device:
+        if x.dtype != self.keys.dtype or x.device != self.keys.device:
             raise ValueError(f"{who}: x ({x.dtype}, {x.device}) must have the cache's dtype and device "
-                             f"({storage.dtype}, {storage.device})")
+                             f"({self.keys.dtype}, {self.keys.device})")
         batch, chunk = x.shape[0], x.shape[1]
         if batch != self.batch_size:
             raise ValueError(f"{who}: the chunk has batch size {batch} but the cache holds {self.batch_size} rows")
@@ -124,10 +128,6 @@ class AttentionCache(_PositionCache):
         super().__init__({"keys": keys, "context": context}, batch_size)
 
     @property
-    def keys(self) -> Tensor:
-        return self._storage["keys"]
-
-    @property
     def context(self) -> Tensor | None:
         return self._storage["context"]
 
@@ -145,10 +145,6 @@ class KVCache(_PositionCache):
         keys = torch.zeros(batch_size, capacity, heads, head_dim, **factory)
         values = torch.zeros(batch_size, capacity, heads, head_dim, **factory)
         super().__init__({"keys": keys, "values": values}, batch_size)
-
-    @property
-    def keys(self) -> Tensor:
-        return self._storage["keys"]
 
     @property
     def values(self) -> Tensor:

@@ -8,10 +8,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
 #include <vector>
 
+#include "cpu/preconditioner.h"
+#include "cpu/tensor_utils.h"
 #include "ops/autocast_off.h"
 #include "ops/checks.h"
 #include "ops/emulated_op.h"
@@ -19,7 +20,6 @@
 namespace cem::cpu {
 namespace {
 
-using OptTensor = std::optional<at::Tensor>;
 using CachedResult = std::tuple<at::Tensor, at::Tensor>;
 
 // The context of one batch row: cache positions [0, n) and the chunk's C rows, each part a view
@@ -97,7 +97,8 @@ CachedResult run_cached(const at::Tensor& x, const at::Tensor& w_q, const at::Te
     }
   }
   const auto slopes = alibi_slopes.has_value() ? *alibi_slopes : at::Tensor();
-  const auto eta = step_size.to(at::kCPU).to(at::kDouble);
+  const auto eta = host_step_sizes(step_size);
+  const Preconditioner precond{precond_diag, precond_lowrank};
 
   auto o = at::empty({s.batch, s.seq, s.heads, s.head_dim}, x0.options());
   auto value = has_diag ? at::empty({s.batch, s.seq, s.dim}, x0.options()) : at::Tensor();
@@ -119,9 +120,7 @@ CachedResult run_cached(const at::Tensor& x, const at::Tensor& w_q, const at::Te
     });
     auto g = at::matmul(o.view({s.batch, s.seq, s.heads * s.head_dim}), wq);
     if (has_diag) g = g + value;
-    auto pg = precond_diag.has_value() ? g * *precond_diag : g;
-    if (precond_lowrank.has_value()) pg = pg + at::matmul(at::matmul(g, *precond_lowrank), precond_lowrank->t());
-    delta.add_(pg, eta[t].item<double>());
+    delta.add_(precondition(g, precond), eta[t]);
     if (t + 1 < s.steps) x_t = x0 + delta;
   }
   return {delta, keys};
@@ -147,10 +146,11 @@ CachedResult attention_cached_cpu(const at::Tensor& x, const at::Tensor& w_q, co
   }
   // bfloat16/float16 run on float32 copies, as the other CPU ops do (computes_in_float32).
   const auto acc = accumulation_dtype(x.scalar_type());
-  auto cast = [&](const OptTensor& t) { return t.has_value() ? OptTensor(t->to(acc)) : std::nullopt; };
-  auto [delta, keys] = run_cached(x.to(acc), w_q.to(acc), w_k.to(acc), cache_keys.to(acc), cast(cache_context),
-                                  cache_lengths, cast(diag), cast(alibi_slopes), cast(precond_diag),
-                                  cast(precond_lowrank), step_size, beta, s);
+  // The cache is cast as it is (a narrowed view stays a view when no cast is needed).
+  const OptTensor context = cache_context.has_value() ? OptTensor(cache_context->to(acc)) : std::nullopt;
+  auto [delta, keys] = run_cached(x.to(acc), w_q.to(acc), w_k.to(acc), cache_keys.to(acc), context, cache_lengths,
+                                  to_acc(diag, acc), to_acc(alibi_slopes, acc), to_acc(precond_diag, acc),
+                                  to_acc(precond_lowrank, acc), step_size, beta, s);
   return {delta.to(x.scalar_type()), keys.to(x.scalar_type())};
 }
 

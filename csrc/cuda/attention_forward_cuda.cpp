@@ -101,8 +101,8 @@ FwdResult attention_fwd_cuda(
       x_next = save_for_backward ? state.iterates.select(0, t) : at::empty_like(st.x);
     }
     void* diag_out = st.has_diag() && save_for_backward ? state.diag_values.select(0, t).data_ptr() : nullptr;
-    epilogue.apply(*kernel_dtype(st.dtype), st.stream, t, s.steps, g, st.has_diag() ? vbar.view({rows, s.dim}) : vbar,
-                   diag_out, delta, st.x, last ? nullptr : x_next.data_ptr(), state.out.data_ptr());
+    epilogue.apply(*kernel_dtype(st.dtype), st.stream, t, s.steps, g, vbar, diag_out, delta, st.x,
+                   last ? nullptr : x_next.data_ptr(), state.out.data_ptr());
     if (!last) {
       x_t = x_next;
     }
